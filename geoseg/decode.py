@@ -1,0 +1,51 @@
+"""Labels from model outputs: connected class regions, and instance decoding.
+
+All functions are numpy in, numpy out. Labels are ``int32``: 0 is background/invalid, 1..n objects.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+from skimage.segmentation import watershed
+
+from geoseg.config import ModelConfig
+
+CONNECTIVITY_4 = ndimage.generate_binary_structure(2, 1)
+CONNECTIVITY_8 = ndimage.generate_binary_structure(2, 2)
+
+
+def label_regions(classes: np.ndarray, valid: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Connected regions of equal class (4-connected, as GDAL polygonises them).
+
+    Returns ``(labels, label_class)`` where ``label_class[label]`` is the class index of a region
+    (``label_class[0]`` is unused).
+    """
+    labels = np.zeros(classes.shape, dtype=np.int32)
+    label_class = [0]
+    offset = 0
+    for k in range(num_classes):
+        region, n = ndimage.label((classes == k) & valid, structure=CONNECTIVITY_4)
+        if n:
+            labels[region > 0] = region[region > 0] + offset
+            label_class.extend([k] * n)
+            offset += n
+    return labels, np.asarray(label_class, dtype=np.int32)
+
+
+def decode_instances(probs: np.ndarray, valid: np.ndarray, spec: ModelConfig) -> np.ndarray:
+    """Objects from per-channel probabilities (``uint8``, p * 255) over a tile's read window.
+
+    One channel: 8-connected components of ``body > threshold``. Three channels: a marker
+    watershed on ``-body`` from seeds ``body * (1 - contact) > seed_threshold``, grown over
+    ``body > mask_threshold``; foreground that no seed reaches is dropped (SpaceNet practice).
+    """
+    body = probs[0].astype(np.float32) / 255.0
+    if spec.channels == ["body"]:
+        labels, _ = ndimage.label((body > spec.threshold) & valid, structure=CONNECTIVITY_8)
+        return labels.astype(np.int32, copy=False)
+    contact = probs[spec.channels.index("contact")].astype(np.float32) / 255.0
+    seeds, _ = ndimage.label((body * (1.0 - contact) > spec.seed_threshold) & valid, structure=CONNECTIVITY_8)
+    mask = (body > spec.mask_threshold) & valid
+    labels = watershed(-body, markers=seeds, mask=mask, connectivity=2)
+    return labels.astype(np.int32, copy=False)

@@ -1,0 +1,40 @@
+"""Exceptions raised by geoseg; each message names the file (or key) and what is wrong."""
+
+from __future__ import annotations
+
+
+class GeosegError(Exception):
+    """Root of every error geoseg raises on purpose."""
+
+
+class ConfigError(GeosegError, ValueError):
+    """A configuration file or flag is invalid."""
+
+    def __init__(self, source: str, key: str, problem: str) -> None:
+        self.source, self.key, self.problem = source, key, problem
+        where = f"{source}: {key}" if key else source
+        super().__init__(f"{where}: {problem}")
+
+
+class InputError(GeosegError, ValueError):
+    """An input raster cannot be processed (unreadable, no CRS, too few bands, ...)."""
+
+    def __init__(self, path: str, problem: str) -> None:
+        self.path, self.problem = str(path), problem
+        super().__init__(f"{path}: {problem}")
+
+
+class ModelError(GeosegError, ValueError):
+    """A model cannot be built or loaded, or does not match its configuration."""
+
+    def __init__(self, model: str, problem: str) -> None:
+        self.model, self.problem = model, problem
+        super().__init__(f"model '{model}': {problem}")
+
+
+class OutputError(GeosegError, OSError):
+    """The output location cannot be written."""
+
+    def __init__(self, path: str, problem: str) -> None:
+        self.path, self.problem = str(path), problem
+        super().__init__(f"{path}: {problem}")

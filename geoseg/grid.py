@@ -1,0 +1,71 @@
+"""Tile planning on a raster's pixel grid. Pure functions: no file is opened here.
+
+Invariants (tested): the cores of ``plan_tiles`` partition the raster exactly, each core lies
+inside its read window, and every read window lies inside the raster. Context beyond the raster
+edge does not exist; the reader pads it (see ``geoseg.read``) and marks it invalid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+from rasterio.windows import Window
+
+
+@dataclass(frozen=True, slots=True)
+class Tile:
+    """One unit of work: ``core`` pixels are written, ``read`` = core + halo (clipped to the raster)."""
+
+    scene: int
+    index: int
+    row: int
+    col: int
+    core: Window
+    read: Window
+
+    @property
+    def core_in_read(self) -> tuple[slice, slice]:
+        """Slices that crop the read array to the core."""
+        r0 = int(self.core.row_off - self.read.row_off)
+        c0 = int(self.core.col_off - self.read.col_off)
+        return slice(r0, r0 + int(self.core.height)), slice(c0, c0 + int(self.core.width))
+
+
+def tile_grid_shape(width: int, height: int, tile_size: int) -> tuple[int, int]:
+    """Number of tile (rows, cols): ceil division, the last row/column holds the remainder."""
+    return -(-height // tile_size), -(-width // tile_size)
+
+
+def plan_tiles(width: int, height: int, tile_size: int, halo: int, scene: int = 0) -> Iterator[Tile]:
+    """Yield tiles row-major. Cores are ``tile_size`` squares, shorter in the last row/column.
+
+    >>> [(t.core.width, t.read.width) for t in plan_tiles(10, 4, 4, 1)]
+    [(4, 5), (4, 6), (2, 3)]
+    """
+    if width <= 0 or height <= 0:
+        raise ValueError(f"raster has no pixels: {width} x {height}")
+    rows, cols = tile_grid_shape(width, height, tile_size)
+    for r in range(rows):
+        for c in range(cols):
+            y0, x0 = r * tile_size, c * tile_size
+            h, w = min(tile_size, height - y0), min(tile_size, width - x0)
+            ry0, rx0 = max(0, y0 - halo), max(0, x0 - halo)
+            ry1, rx1 = min(height, y0 + h + halo), min(width, x0 + w + halo)
+            yield Tile(
+                scene=scene,
+                index=r * cols + c,
+                row=r,
+                col=c,
+                core=Window(x0, y0, w, h),
+                read=Window(rx0, ry0, rx1 - rx0, ry1 - ry0),
+            )
+
+
+def padded_size(tile_size: int, halo: int, multiple: int = 32) -> int:
+    """Side of the square every tile is padded to before the model: core + 2 halo, up to ``multiple``.
+
+    U-Net style encoders downsample by 32, so inputs must be a multiple of it.
+    """
+    side = tile_size + 2 * halo
+    return -(-side // multiple) * multiple

@@ -1,0 +1,126 @@
+"""The model actor: one tile read feeds every head; small outputs leave the actor.
+
+``Predictor`` is a plain callable class (Ray's batch-inference pattern): it runs without Ray, and
+``geoseg.pipeline`` wraps it in an actor, one per GPU. The device comes from
+``torch.cuda.is_available()``, never from Ray's GPU ids. Raw pixels arrive in the raster's own
+dtype and are normalised on the device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import numpy as np
+import torch
+
+from geoseg.config import Config, MeanStdNormalize, ModelConfig, ScaleNormalize
+from geoseg.grid import Tile, padded_size
+from geoseg.models import build_model
+
+# torch has no arithmetic on these; widen on the host (still smaller than float32 for uint16).
+_WIDEN = {np.dtype("uint16"): np.int32, np.dtype("uint32"): np.int64, np.dtype("int8"): np.int16}
+
+
+def pick_device(requested: str) -> torch.device:
+    """``auto``: CUDA when torch sees a GPU, else CPU."""
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def pad_to_square(image: np.ndarray, tile: Tile, halo: int, side: int) -> np.ndarray:
+    """Place the read array so the core starts at ``(halo, halo)``; reflect into the missing context."""
+    r0 = halo - int(tile.core.row_off - tile.read.row_off)
+    c0 = halo - int(tile.core.col_off - tile.read.col_off)
+    h, w = image.shape[-2:]
+    pads = ((0, 0), (r0, side - r0 - h), (c0, side - c0 - w))
+    mode = "reflect" if min(h, w) > 1 else "edge"
+    return np.pad(image, pads, mode=mode)
+
+
+def _normalize(x: torch.Tensor, spec: ModelConfig) -> torch.Tensor:
+    norm = spec.normalize
+    if isinstance(norm, ScaleNormalize):
+        return x / norm.scale
+    if isinstance(norm, MeanStdNormalize):
+        mean = torch.tensor(norm.mean, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(norm.std, device=x.device).view(1, -1, 1, 1)
+        return (x - mean) / std
+    return x
+
+
+class Predictor:
+    """Callable over a list of tile payloads; returns, per tile, what each head produced.
+
+    Semantic head -> ``uint8`` class per core pixel. Instance head -> ``uint8`` probabilities
+    (p * 255) per channel over the read window, for decoding in CPU tasks after the actor.
+    """
+
+    def __init__(self, config: Config, num_threads: int | None = None) -> None:
+        self.config = config
+        self.device = pick_device(config.runtime.device)
+        if self.device.type == "cpu" and num_threads:
+            torch.set_num_threads(num_threads)
+        self.halo = config.tiling.halo
+        self.side = padded_size(config.tiling.tile_size, self.halo)
+        positions = {b: i for i, b in enumerate(config.bands_needed)}
+        self.heads: dict[str, tuple[ModelConfig, torch.nn.Module, list[int]]] = {}
+        for name, spec in config.models.items():
+            model = build_model(name, spec, config.base_dir).to(self.device)
+            if self.device.type == "cuda":
+                model = model.to(memory_format=torch.channels_last)
+            self.heads[name] = (spec, model, [positions[b] for b in spec.bands])
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+
+    def __call__(self, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Run every head over the tiles that have pixels; pass errors and empty tiles through."""
+        out: list[dict[str, Any]] = [
+            {"tile": p["tile"], "status": p["status"], "error": p.get("error"), "valid": p.get("valid")} for p in batch
+        ]
+        groups: dict[tuple[str, int], list[int]] = {}
+        for i, p in enumerate(batch):
+            if p["status"] == "ok":
+                groups.setdefault((str(p["image"].dtype), p["image"].shape[0]), []).append(i)
+        for idx in groups.values():
+            for i, heads in zip(idx, self._run([batch[i] for i in idx])):
+                out[i]["heads"] = heads
+        return out
+
+    @torch.inference_mode()
+    def _run(self, payloads: list[dict[str, Any]]) -> list[dict[str, np.ndarray]]:
+        arrays = [pad_to_square(p["image"], p["tile"], self.halo, self.side) for p in payloads]
+        stacked = np.stack(arrays)
+        stacked = stacked.astype(_WIDEN.get(stacked.dtype, stacked.dtype), copy=False)
+        x = torch.from_numpy(stacked)
+        if self.device.type == "cuda":
+            x = x.pin_memory().to(self.device, non_blocking=True)
+        x = x.float()
+        results: list[dict[str, np.ndarray]] = [{} for _ in payloads]
+        for name, (spec, model, positions) in self.heads.items():
+            xi = _normalize(x[:, positions], spec)
+            if self.device.type == "cuda":
+                xi = xi.contiguous(memory_format=torch.channels_last)
+            with self._autocast():
+                logits = model(xi)
+            logits = logits.float()
+            if spec.task == "semantic":
+                classes = logits.argmax(dim=1).to(torch.uint8).cpu().numpy()
+                for k, p in enumerate(payloads):
+                    h, w = int(p["tile"].core.height), int(p["tile"].core.width)
+                    results[k][name] = classes[k, self.halo : self.halo + h, self.halo : self.halo + w]
+            else:
+                probs = (torch.sigmoid(logits) * 255).round().to(torch.uint8).cpu().numpy()
+                for k, p in enumerate(payloads):
+                    results[k][name] = self._crop_read(probs[k], p["tile"])
+        return results
+
+    def _crop_read(self, arr: np.ndarray, tile: Tile) -> np.ndarray:
+        r0 = self.halo - int(tile.core.row_off - tile.read.row_off)
+        c0 = self.halo - int(tile.core.col_off - tile.read.col_off)
+        return arr[:, r0 : r0 + int(tile.read.height), c0 : c0 + int(tile.read.width)]

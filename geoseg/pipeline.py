@@ -1,0 +1,245 @@
+"""The driver: plan tiles -> read (Ray tasks) -> infer (Ray actors) -> post-process (Ray tasks)
+-> stitch and write (here, one writer per scene).
+
+Why Ray core rather than Ray Data: scenes in one run differ in band count and dtype, and a bad
+file must fail only its own scene. With tasks and actors each tile carries its own arrays and its
+own error, the number of tiles in flight is an explicit bound (so driver memory does not grow with
+raster size), and every head runs on one tile read in one actor call.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import logging
+import os
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import ray
+from tqdm import tqdm
+
+from geoseg.config import Config
+from geoseg.errors import GeosegError, InputError, OutputError
+from geoseg.grid import Tile
+from geoseg.infer import Predictor
+from geoseg.models import check_models
+from geoseg.postprocess import TileResult, postprocess_tile
+from geoseg.read import find_scenes, inspect_scene, read_tile
+from geoseg.scene import SceneJob
+
+log = logging.getLogger("geoseg")
+
+
+@dataclass
+class RunReport:
+    """What a run did: one entry per input, ok or failed."""
+
+    summaries: list[dict[str, Any]] = field(default_factory=list)
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (input, one-line error)
+    tiles: int = 0
+    megapixels: float = 0.0
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+def _read_task(path: str, tile: Tile, bands: list[int]) -> dict[str, Any]:
+    try:
+        data = read_tile(path, tile, bands)
+    except InputError as exc:
+        return {"tile": tile, "status": "error", "error": str(exc)}
+    except Exception as exc:  # GDAL can fail in many ways on a damaged file; keep it to this scene
+        return {"tile": tile, "status": "error", "error": f"{path}: read failed ({exc})"}
+    if not data["valid"].any():
+        return {"tile": tile, "status": "empty"}
+    return {"tile": tile, "status": "ok", **data}
+
+
+def _post_task(pred: dict[str, Any], config: Config, row_area: Any, grid_shape: tuple[int, int]) -> TileResult:
+    try:
+        return postprocess_tile(pred, config, row_area, grid_shape)
+    except Exception as exc:
+        return TileResult(tile=pred["tile"], status="error", error=f"post-processing failed: {exc}")
+
+
+class _PredictorActor:
+    """Ray actor around ``Predictor``: one return value per tile, so each tile moves on alone."""
+
+    def __init__(self, config: Config, num_threads: int) -> None:
+        self.predictor = Predictor(config, num_threads=num_threads)
+
+    def predict(self, *payloads: dict[str, Any]) -> Any:
+        out = self.predictor(list(payloads))
+        return out[0] if len(out) == 1 else tuple(out)
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None) -> None:
+    """Connect to ``address`` (or ``RAY_ADDRESS``), else start a local Ray; reuse one already up."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, log_to_driver=False)
+
+
+def _start_actors(config: Config) -> list[Any]:
+    resources = ray.cluster_resources()
+    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
+    if gpus:
+        n, options = config.runtime.num_actors or gpus, {"num_gpus": 1, "num_cpus": 1}
+    else:
+        # One CPU actor that uses all cores but one: the remaining core reads and post-processes.
+        n, options = config.runtime.num_actors or 1, {"num_cpus": max(1, cpus - 1) if cpus > 1 else 0.5}
+    threads = max(1, int(options["num_cpus"]))
+    actor_cls = ray.remote(_PredictorActor)
+    return [actor_cls.options(**options).remote(config, threads) for _ in range(n)]
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".geoseg-write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise OutputError(str(out_dir), f"output folder is not writable ({exc.strerror})") from None
+
+
+def _open_scenes(inputs: list[str], config: Config, out_dir: Path, report: RunReport) -> list[SceneJob]:
+    paths, errors = find_scenes(inputs)
+    for err in errors:
+        report.failures.append((err.path, str(err)))
+    jobs: list[SceneJob] = []
+    stems: set[str] = set()
+    for path in paths:
+        try:
+            info = inspect_scene(path, config.bands_needed)
+            if info.stem in stems:
+                raise InputError(path, f"another input already writes {out_dir / info.stem}; rename one of them")
+            stems.add(info.stem)
+            jobs.append(SceneJob(len(jobs), info, config, out_dir))
+        except GeosegError as exc:
+            log.error("%s", exc)
+            report.failures.append((path, str(exc)))
+    return jobs
+
+
+def run(inputs: list[str], out_dir: str | Path, config: Config, address: str | None = None,
+        progress: bool = True) -> RunReport:
+    """Process every input; a failing input is reported and the others go on."""
+    started = time.monotonic()
+    out_dir = Path(out_dir)
+    _check_out_dir(out_dir)
+    check_models(config)
+    report = RunReport()
+    jobs = _open_scenes(inputs, config, out_dir, report)
+    if jobs:
+        ensure_ray(address)
+        _schedule(jobs, config, report, progress)
+    report.seconds = time.monotonic() - started
+    write_run_csv(out_dir / "summary.csv", report, config)
+    return report
+
+
+def _tile_stream(jobs: list[SceneJob]) -> Iterator[tuple[SceneJob, Tile]]:
+    for job in jobs:
+        for tile in job.tiles:
+            if job.error:  # a scene that failed stops sending tiles
+                break
+            yield job, tile
+
+
+def _schedule(jobs: list[SceneJob], config: Config, report: RunReport, progress: bool) -> None:
+    actors = _start_actors(config)
+    read = ray.remote(num_cpus=1)(_read_task)
+    post = ray.remote(num_cpus=1)(_post_task)
+    batch = config.runtime.batch_size
+    limit = len(actors) * config.runtime.batches_in_flight_per_actor * batch
+    stream = _tile_stream(jobs)
+    in_flight: dict[Any, tuple[SceneJob, Tile]] = {}
+    actor_cycle = itertools.cycle(actors)
+    total = sum(j.n_tiles for j in jobs)
+    bar = tqdm(total=total, unit="tile", disable=not progress, smoothing=0.1)
+    started = time.monotonic()
+    done_px = 0
+    pending_finish: deque[SceneJob] = deque()
+    while True:
+        while len(in_flight) + batch <= limit or not in_flight:
+            group = list(itertools.islice(stream, batch))
+            if not group:
+                break
+            reads = [read.remote(job.info.path, tile, config.bands_needed) for job, tile in group]
+            preds = next(actor_cycle).predict.options(num_returns=len(reads)).remote(*reads)
+            preds = [preds] if len(reads) == 1 else preds
+            for (job, tile), pred in zip(group, preds):
+                in_flight[post.remote(pred, config, job.row_area(tile), job.grid_shape)] = (job, tile)
+        if not in_flight:
+            break
+        ready, _ = ray.wait(list(in_flight), num_returns=1)
+        for ref in ready:
+            job, tile = in_flight.pop(ref)
+            result = _get(ref, tile)
+            if result.status == "error" and not job.error:
+                log.error("%s", result.error)
+            job.add(result)
+            done_px += int(result.tile.core.width * result.tile.core.height)
+            bar.update(1)
+            bar.set_postfix_str(f"{done_px / 1e6 / max(time.monotonic() - started, 1e-9):.1f} Mpx/s", refresh=False)
+            if job.complete:
+                pending_finish.append(job)
+        while pending_finish:
+            _finish(pending_finish.popleft(), report)
+    # Scenes that failed early never send all their tiles: finish them here.
+    for job in jobs:
+        if not job.complete:
+            job.error = job.error or "stopped before all tiles were processed"
+            _finish(job, report)
+    bar.close()
+    report.tiles = total
+    report.megapixels = done_px / 1e6
+
+
+def _get(ref: Any, tile: Tile) -> TileResult:
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayError as exc:  # an actor or task died: this tile fails, the run goes on
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return TileResult(tile=tile, status="error", error=f"worker failed on tile {tile.index}: {first}")
+
+
+def _finish(job: SceneJob, report: RunReport) -> None:
+    if job.error:
+        job.abort()
+        report.failures.append((job.info.path, job.error))
+        return
+    try:
+        report.summaries.append(job.finish())
+        log.info("%s: done in %.1f s", job.info.path, time.monotonic() - job.started)
+    except Exception as exc:
+        job.abort()
+        msg = f"{job.info.path}: writing outputs failed ({exc})"
+        log.error("%s", msg)
+        report.failures.append((job.info.path, msg))
+
+
+def write_run_csv(path: Path, report: RunReport, config: Config) -> None:
+    """``out/summary.csv``: a row per input x model x class, and a row per failed input."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["input", "status", "model", "task", "class", "count", "pixels", "area_m2", "error"])
+        for s in report.summaries:
+            for model, m in s["models"].items():
+                for cls, v in m["classes"].items():
+                    w.writerow([s["input"], "ok", model, m["task"], cls, v.get("count", ""), v["pixels"], v["area_m2"], ""])
+        for inp, err in report.failures:
+            w.writerow([inp, "failed", "", "", "", "", "", "", err])
+    os.replace(tmp, path)

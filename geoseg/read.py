@@ -1,0 +1,109 @@
+"""The only place pixels are read: scene inspection and windowed tile reads.
+
+Outside the raster there is no context: the read window is clipped to the raster, and the
+predictor pads the array (reflect) and marks the padding invalid, so it never reaches a count.
+Validity comes from GDAL's mask (nodata value, alpha band or internal mask): ``read_masks``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+from affine import Affine
+from rasterio.errors import RasterioIOError
+
+from geoseg.errors import InputError
+from geoseg.grid import Tile
+
+RASTER_SUFFIXES = (".tif", ".tiff")
+
+
+@dataclass(frozen=True)
+class SceneInfo:
+    """What the driver needs to know of a scene before any pixel is read."""
+
+    path: str
+    width: int
+    height: int
+    count: int
+    dtype: str
+    crs_wkt: str
+    crs_string: str
+    transform: Affine
+    nodata: float | None
+
+    @property
+    def stem(self) -> str:
+        return Path(self.path).stem
+
+
+def find_scenes(inputs: list[str]) -> tuple[list[str], list[InputError]]:
+    """Expand directories into their ``.tif``/``.tiff`` files (sorted); report empty ones."""
+    found: list[str] = []
+    errors: list[InputError] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            # Not recursive: sub-folders (e.g. a synthetic scene's truth) are not inputs.
+            files = sorted(str(f) for f in p.iterdir() if f.suffix.lower() in RASTER_SUFFIXES and f.is_file())
+            if not files:
+                errors.append(InputError(item, "directory holds no .tif/.tiff files"))
+            found.extend(files)
+        elif p.exists() or "/vsi" in item or "://" in item:
+            found.append(item)
+        else:
+            errors.append(InputError(item, "no such file or directory"))
+    return found, errors
+
+
+def inspect_scene(path: str, bands_needed: list[int]) -> SceneInfo:
+    """Open a scene's header and check it can feed every head; raise InputError otherwise."""
+    try:
+        with rasterio.open(path) as ds:
+            if ds.crs is None:
+                raise InputError(path, "raster has no CRS; assign one (e.g. gdal_edit.py -a_srs EPSG:32618)")
+            if ds.transform.b != 0 or ds.transform.d != 0:
+                raise InputError(path, "rotated geotransform is not supported; warp to a north-up grid first")
+            if max(bands_needed) > ds.count:
+                raise InputError(path, f"{ds.count} band(s), but the models read bands {bands_needed}")
+            return SceneInfo(
+                path=path,
+                width=ds.width,
+                height=ds.height,
+                count=ds.count,
+                dtype=ds.dtypes[0],
+                crs_wkt=ds.crs.to_wkt(),
+                crs_string=ds.crs.to_string(),
+                transform=ds.transform,
+                nodata=ds.nodata,
+            )
+    except RasterioIOError as exc:
+        raise InputError(path, f"not a readable raster ({_short(exc)})") from None
+
+
+def read_tile(path: str, tile: Tile, bands: list[int]) -> dict[str, Any]:
+    """Read ``bands`` over the tile's read window.
+
+    Returns ``{"image": (C, h, w) raster dtype, "valid": (h, w) bool}``; ``valid`` is False where
+    any read band is masked.
+    """
+    try:
+        with rasterio.open(path) as ds:
+            image = ds.read(bands, window=tile.read)
+            masks = ds.read_masks(bands, window=tile.read)
+    except RasterioIOError as exc:
+        raise InputError(path, f"read failed in window {_window_str(tile)} ({_short(exc)})") from None
+    return {"image": image, "valid": np.all(masks > 0, axis=0)}
+
+
+def _window_str(tile: Tile) -> str:
+    w = tile.read
+    return f"col {int(w.col_off)}, row {int(w.row_off)}, {int(w.width)}x{int(w.height)}"
+
+
+def _short(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0][:200]

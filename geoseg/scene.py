@@ -1,0 +1,139 @@
+"""One scene's outputs as its tiles arrive: masks, seam stitching, polygons, counts, summary.
+
+The driver feeds ``SceneJob.add`` with tile results in any order (each placed by its own window);
+``finish`` completes the files and moves them into ``out/<stem>/``; ``abort`` removes them.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from geoseg.config import Config
+from geoseg.export import (
+    INSTANCE_FIELDS,
+    SEMANTIC_FIELDS,
+    LayerWriter,
+    MaskWriter,
+    ObjectSink,
+    publish_dir,
+    write_counts_table,
+    write_json,
+)
+from geoseg.grid import Tile, plan_tiles, tile_grid_shape
+from geoseg.postprocess import TileResult
+from geoseg.read import SceneInfo
+from geoseg.stitch import HeadStitcher
+from geoseg.units import ground_scale
+
+
+class SceneJob:
+    """Stitches and writes one scene; holds at most a few tiles' worth of pixels."""
+
+    def __init__(self, index: int, info: SceneInfo, config: Config, out_dir: Path) -> None:
+        self.index, self.info, self.config = index, info, config
+        ts, halo = config.tiling.tile_size, config.tiling.halo
+        self.grid_shape = tile_grid_shape(info.width, info.height, ts)
+        self.n_tiles = self.grid_shape[0] * self.grid_shape[1]
+        self.tiles = plan_tiles(info.width, info.height, ts, halo, scene=index)
+        self.done = 0
+        self.valid_pixels = 0
+        self.error: str | None = None
+        self.started = time.monotonic()
+        self.scale = ground_scale(info.crs_wkt, info.transform, info.width, info.height)
+        self.final_dir = out_dir / info.stem
+        self.tmp_dir = out_dir / f".{info.stem}.partial"
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        self.tmp_dir.mkdir(parents=True)
+        self.gpkg = self.tmp_dir / f"{info.stem}.gpkg"
+        profile = {"width": info.width, "height": info.height, "crs": info.crs_wkt, "transform": info.transform}
+        bounds = _bounds(info)
+        self.masks: dict[str, MaskWriter] = {}
+        self.layers: dict[str, LayerWriter] = {}
+        self.sinks: dict[str, ObjectSink] = {}
+        self.stitchers: dict[str, HeadStitcher] = {}
+        for name, spec in config.models.items():
+            self.masks[name] = MaskWriter(self.tmp_dir / f"{info.stem}_{name}.tif", profile, spec, name)
+            fields = SEMANTIC_FIELDS if spec.task == "semantic" else INSTANCE_FIELDS
+            self.layers[name] = LayerWriter(self.gpkg, name, info.crs_wkt, fields)
+            self.sinks[name] = ObjectSink(spec, self.layers[name], info.transform, info.crs_wkt, bounds, self.scale)
+            self.stitchers[name] = HeadStitcher(self.grid_shape, spec.task == "instance", self.sinks[name])
+
+    def row_area(self, tile: Tile) -> Any:
+        """Pixel areas (m^2) of the tile's core rows, shipped with the tile to its CPU task."""
+        r0 = int(tile.core.row_off)
+        return self.scale.row_area_m2[r0 : r0 + int(tile.core.height)]
+
+    def add(self, result: TileResult) -> None:
+        """Place one tile's result: masks by window, objects into the stitchers."""
+        tile = result.tile
+        self.done += 1
+        if result.status == "error":
+            self.error = self.error or result.error or "unknown error"
+            return
+        if self.error:
+            return
+        if result.status == "empty":
+            for mask in self.masks.values():
+                mask.fill(tile.core)
+            return
+        self.valid_pixels += result.valid_pixels
+        for name, head in result.heads.items():
+            base = self.stitchers[name].add(tile.row, tile.col, head)
+            raster = head.raster
+            if self.config.models[name].task == "instance":
+                raster = (raster.astype("uint32") + base) * (raster > 0)
+            self.masks[name].write(tile.core, raster)
+
+    @property
+    def complete(self) -> bool:
+        return self.done == self.n_tiles
+
+    def finish(self) -> dict[str, Any]:
+        """Merge seam objects, finish the files, publish the folder; returns the summary."""
+        models: dict[str, Any] = {}
+        counts_rows = []
+        for name, spec in self.config.models.items():
+            lut = self.stitchers[name].finish()
+            self.layers[name].flush()
+            self.masks[name].finish(lut if spec.task == "instance" else None)
+            sink = self.sinks[name]
+            classes = {}
+            for k, cls in enumerate(spec.classes):
+                entry: dict[str, Any] = {"pixels": int(sink.pixels[k]), "area_m2": round(float(sink.area[k]), 3)}
+                if spec.task == "instance":
+                    entry["count"] = int(sink.count[k])
+                classes[cls] = entry
+                counts_rows.append({"model": name, "task": spec.task, "class": cls, "count": entry.get("count"),
+                                    "pixels": entry["pixels"], "area_m2": entry["area_m2"]})
+            models[name] = {"task": spec.task, "classes": classes}
+        write_counts_table(self.gpkg, counts_rows)
+        summary = {
+            "input": self.info.path,
+            "crs": self.info.crs_string,
+            "width": self.info.width,
+            "height": self.info.height,
+            "status": "ok",
+            "tiles": self.n_tiles,
+            "valid_pixels": self.valid_pixels,
+            "seconds": round(time.monotonic() - self.started, 2),
+            "models": models,
+        }
+        write_json(self.tmp_dir / "summary.json", summary)
+        publish_dir(self.tmp_dir, self.final_dir)
+        return summary
+
+    def abort(self) -> None:
+        """Drop everything this scene wrote."""
+        for mask in self.masks.values():
+            mask.abort()
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+
+
+def _bounds(info: SceneInfo) -> tuple[float, float, float, float]:
+    t = info.transform
+    xs = (t.c, t.c + t.a * info.width)
+    ys = (t.f, t.f + t.e * info.height)
+    return min(xs), min(ys), max(xs), max(ys)
