@@ -88,7 +88,6 @@ def _head(
         raster = np.where(core_valid, output, SEMANTIC_NODATA).astype(np.uint8)
         inner, outer = _rings(labels, 0, 0, h, w)
         core_labels, score_sum = labels, np.zeros(label_class.shape[0])
-        connectivity = 4
     else:
         read_labels = decode_instances(output, valid, spec)
         core_labels = read_labels[rs, cs]
@@ -107,12 +106,11 @@ def _head(
         body = output[0][rs, cs].astype(np.float64) / 255.0
         score_sum = np.bincount(core_labels.ravel(), weights=body.ravel(), minlength=present.shape[0])
         raster = core_labels
-        connectivity = 8
     n = label_class.shape[0] - 1
     pixels = np.bincount(core_labels.ravel(), minlength=n + 1).astype(np.int64)
     areas = np.bincount(core_labels.ravel(), weights=np.repeat(row_area, w), minlength=n + 1)
     pixels[0], areas[0] = 0, 0.0
-    frag_labels, frag_wkb = label_polygons(core_labels, int(tile.core.row_off), int(tile.core.col_off), connectivity)
+    frag_labels, frag_wkb = label_polygons(core_labels, int(tile.core.row_off), int(tile.core.col_off))
     return HeadTile(
         raster=raster,
         n_labels=n,

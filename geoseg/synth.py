@@ -210,7 +210,7 @@ def _write_truth_objects(path: Path, objects: list[SynthObject], transform: Affi
             burn[_nodata_mask(rr, cc, size)] = 0
         if not burn.any():
             continue
-        _, parts = label_polygons(burn.astype(np.int32), miny, minx, connectivity=8)
+        _, parts = label_polygons(burn.astype(np.int32), miny, minx)
         geom = pixel_to_crs(merge_parts(parts), transform)
         layers[obj.kind].add(geom, **{"class": obj.kind, "pixels": int(burn.sum())})
     for layer in layers.values():

@@ -13,20 +13,19 @@ from rasterio.features import shapes
 from shapely.geometry import shape
 
 
-def label_polygons(
-    labels: np.ndarray, row_off: int, col_off: int, connectivity: int = 4
-) -> tuple[np.ndarray, list[bytes]]:
+def label_polygons(labels: np.ndarray, row_off: int, col_off: int) -> tuple[np.ndarray, list[bytes]]:
     """Polygonise every nonzero label of ``labels`` (a window at ``row_off, col_off``).
 
-    Returns ``(label_ids, wkb)``; a label whose pixels touch only at corners yields several
-    polygons (GDAL's 4-connected polygons), merged later by label.
+    Returns ``(label_ids, wkb)``. Parts are always 4-connected (an 8-connected object whose pixels
+    touch only at corners yields several parts), so merging parts by label gives one geometry
+    whatever the tiling: a MultiPolygon where parts meet at a corner only.
     """
     if not labels.any():
         return np.zeros(0, dtype=np.int64), []
     transform = Affine.translation(col_off, row_off)
     ids: list[int] = []
     geoms: list[bytes] = []
-    for geom, value in shapes(labels.astype(np.int32, copy=False), mask=labels > 0, connectivity=connectivity, transform=transform):
+    for geom, value in shapes(labels.astype(np.int32, copy=False), mask=labels > 0, connectivity=4, transform=transform):
         ids.append(int(value))
         geoms.append(shapely.to_wkb(shape(geom)))
     return np.asarray(ids, dtype=np.int64), geoms
