@@ -11,7 +11,8 @@ pixels that straddle a core border (p in tile A's core, q in tile B's core), the
   components, but touching objects that meet exactly on a seam merge there (keep halo >= 1).
 
 A union-find over the seam-touching ids gives the final objects. Objects that touch no seam are
-final when their tile arrives and stream out at once; memory grows with seam-touching objects only.
+final when their tile arrives and stream out at once; a seam object is final once every tile it
+touches has arrived. Memory grows with the objects on the front of arrived tiles, not the scene.
 """
 
 from __future__ import annotations
@@ -31,32 +32,32 @@ _NEIGHBOURS_4 = ((0, 1), (1, 0), (0, -1), (-1, 0))
 _NEIGHBOURS_8 = _NEIGHBOURS_4 + ((1, 1), (1, -1), (-1, 1), (-1, -1))
 
 
-class UnionFind:
-    """Disjoint sets over integer ids, created on first use."""
-
-    def __init__(self) -> None:
-        self.parent: dict[int, int] = {}
-
-    def find(self, x: int) -> int:
-        parent = self.parent
-        parent.setdefault(x, x)
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)
-
-
 class _Ring:
-    __slots__ = ("base", "inner", "outer", "label_class", "waiting")
+    """What a tile keeps until its neighbours have arrived: seam labels and who touches whom."""
 
-    def __init__(self, base: int, head: HeadTile, waiting: int) -> None:
+    __slots__ = ("base", "inner", "outer", "label_class", "waiting", "touching")
+
+    def __init__(self, base: int, head: HeadTile, waiting: int, touching: dict[tuple[int, int], set[int]]) -> None:
         self.base, self.inner, self.outer, self.label_class = base, head.inner, head.outer, head.label_class
-        self.waiting = waiting
+        self.waiting, self.touching = waiting, touching
+
+
+class _Group:
+    """A seam-crossing object being assembled: member ids, tiles still to come, summed statistics."""
+
+    __slots__ = ("members", "open", "cls", "pixels", "area", "score", "parts")
+
+    def __init__(self, gid: int, open_sides: int, cls: int, pixels: int, area: float, score: float, parts: list[bytes]):
+        self.members, self.open = [gid], open_sides
+        self.cls, self.pixels, self.area, self.score, self.parts = cls, pixels, area, score, parts
+
+    def absorb(self, other: "_Group") -> None:
+        self.members += other.members
+        self.open += other.open
+        self.pixels += other.pixels
+        self.area += other.area
+        self.score += other.score
+        self.parts += other.parts
 
 
 def _pairs(a: _Ring, b: _Ring, dr: int, dc: int, eight: bool) -> tuple[np.ndarray, ...]:
@@ -85,14 +86,18 @@ def _pairs(a: _Ring, b: _Ring, dr: int, dc: int, eight: bool) -> tuple[np.ndarra
 
 
 class HeadStitcher:
-    """Joins one head's tiles of one scene and emits each final object exactly once."""
+    """Joins one head's tiles of one scene and emits each final object exactly once.
+
+    A seam-crossing object is emitted as soon as every tile it touches has arrived, so what is
+    held is the objects on the front of arrived tiles, not every seam object of the scene.
+    """
 
     def __init__(self, grid_shape: tuple[int, int], instance: bool, emit: Emit) -> None:
         self.grid_shape, self.instance, self.emit = grid_shape, instance, emit
         self.neighbours = _NEIGHBOURS_8 if instance else _NEIGHBOURS_4
         self.rings: dict[tuple[int, int], _Ring] = {}
-        self.uf = UnionFind()
-        self.pending: dict[int, list] = {}  # gid -> [class, pixels, area, score_sum, parts]
+        self.parent: dict[int, int] = {}  # union-find over ids of open seam objects
+        self.groups: dict[int, _Group] = {}  # root id -> object being assembled
         self.offset = 0  # provisional ids used so far: a tile's labels 1..n become offset+1..offset+n
         self.lut = np.zeros(1024, dtype=np.uint32)  # provisional id -> final id (instances)
 
@@ -102,44 +107,72 @@ class HeadStitcher:
             new[: self.lut.shape[0]] = self.lut
             self.lut = new
 
+    def _find(self, x: int) -> int:
+        parent = self.parent
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    def _union(self, a: int, b: int) -> None:
+        ra, rb = self._find(a), self._find(b)
+        if ra == rb:
+            return
+        if len(self.groups[ra].members) < len(self.groups[rb].members):
+            ra, rb = rb, ra
+        self.parent[rb] = ra
+        self.groups[ra].absorb(self.groups.pop(rb))
+
+    def _touching(self, row: int, col: int, head: HeadTile) -> dict[tuple[int, int], set[int]]:
+        """Labels on the core edge facing each neighbour tile (corners for diagonal neighbours)."""
+        rows, cols = self.grid_shape
+        edge = {(-1, 0): head.inner["top"], (1, 0): head.inner["bottom"],
+                (0, -1): head.inner["left"], (0, 1): head.inner["right"]}
+        if self.instance:
+            edge.update({(-1, -1): head.inner["top"][:1], (-1, 1): head.inner["top"][-1:],
+                         (1, -1): head.inner["bottom"][:1], (1, 1): head.inner["bottom"][-1:]})
+        return {d: set(labels[labels > 0].tolist()) for d, labels in edge.items()
+                if 0 <= row + d[0] < rows and 0 <= col + d[1] < cols}
+
     def add(self, row: int, col: int, head: HeadTile) -> int:
-        """Take one tile's result; returns the base of its provisional ids."""
+        """Take one tile's result; returns the offset of its provisional ids."""
         base = self.offset
         self.offset += head.n_labels
         self._grow_lut(self.offset + 1)
         parts: dict[int, list[bytes]] = {}
         for label, wkb in zip(head.frag_labels.tolist(), head.frag_wkb):
             parts.setdefault(label, []).append(wkb)
-        seam = set(head.seam_labels.tolist())
+        touching = self._touching(row, col, head)
+        arrived = [d for d in touching if (row + d[0], col + d[1]) in self.rings]
+        waiting = [d for d in touching if d not in arrived]
+        candidates: list[int] = []
         for label, label_parts in parts.items():
-            stats = [int(head.label_class[label]), int(head.label_pixels[label]), float(head.label_area_m2[label]),
-                     float(head.label_score_sum[label]), label_parts]
-            if label in seam:
-                self.pending[base + label] = stats
+            cls, pixels = int(head.label_class[label]), int(head.label_pixels[label])
+            area, score = float(head.label_area_m2[label]), float(head.label_score_sum[label])
+            if any(label in labels for labels in touching.values()):
+                gid = base + label
+                self.parent[gid] = gid
+                self.groups[gid] = _Group(gid, sum(label in touching[d] for d in waiting), cls, pixels, area, score, label_parts)
+                candidates.append(gid)
             else:
-                self.lut[base + label] = self.emit(stats[0], stats[1], stats[2], stats[3], merge_parts(label_parts))
-        self._join(row, col, _Ring(base, head, self._count_neighbours(row, col)))
-        return base
-
-    def _count_neighbours(self, row: int, col: int) -> int:
-        rows, cols = self.grid_shape
-        return sum(0 <= row + dr < rows and 0 <= col + dc < cols for dr, dc in self.neighbours)
-
-    def _join(self, row: int, col: int, ring: _Ring) -> None:
+                self.lut[base + label] = self.emit(cls, pixels, area, score, merge_parts(label_parts))
+        ring = _Ring(base, head, len(touching), touching)
         self.rings[(row, col)] = ring
-        for dr, dc in self.neighbours:
-            other = self.rings.get((row + dr, col + dc))
-            if other is None:
-                continue
-            # Order the pair so that 'a' is above (or left of) 'b'.
+        for dr, dc in arrived:
+            other = self.rings[(row + dr, col + dc)]
             a, b, odr, odc = (ring, other, dr, dc) if (dr, dc) > (0, 0) else (other, ring, -dr, -dc)
             self._join_pair(a, b, odr, odc)
-            for r in (ring, other):
+            # The neighbour was waiting for this tile on the side that faces it.
+            for label in other.touching.get((-dr, -dc), ()):
+                root = self._find(other.base + label)
+                self.groups[root].open -= 1
+                candidates.append(root)
+            for r, key in ((ring, (row, col)), (other, (row + dr, col + dc))):
                 r.waiting -= 1
-            if other.waiting == 0:
-                del self.rings[(row + dr, col + dc)]
-        if ring.waiting == 0:
-            del self.rings[(row, col)]
+                if r.waiting == 0:
+                    del self.rings[key]
+        self._emit_closed(candidates)
+        return base
 
     def _join_pair(self, a: _Ring, b: _Ring, dr: int, dc: int) -> None:
         la_p, lb_q, la_q, lb_p = _pairs(a, b, dr, dc, self.instance)
@@ -150,18 +183,23 @@ class HeadStitcher:
         else:
             join = fg & (a.label_class[np.maximum(la_p, 0)] == b.label_class[np.maximum(lb_q, 0)])
         for x, y in set(zip((la_p[join] + a.base).tolist(), (lb_q[join] + b.base).tolist())):
-            self.uf.union(x, y)
+            self._union(x, y)
+
+    def _emit_closed(self, ids: list[int]) -> None:
+        for gid in ids:
+            if gid not in self.parent:
+                continue  # already emitted through another member
+            root = self._find(gid)
+            group = self.groups[root]
+            if group.open == 0:
+                final = self.emit(group.cls, group.pixels, group.area, group.score, merge_parts(group.parts))
+                self.lut[group.members] = final
+                del self.groups[root]
+                for member in group.members:
+                    del self.parent[member]
 
     def finish(self) -> np.ndarray:
-        """Emit the seam-crossing objects; returns the provisional -> final id lookup table."""
-        groups: dict[int, list[int]] = {}
-        for gid in self.pending:
-            groups.setdefault(self.uf.find(gid), []).append(gid)
-        for gids in groups.values():
-            stats = [self.pending[g] for g in gids]
-            parts = [p for s in stats for p in s[4]]
-            final = self.emit(stats[0][0], sum(s[1] for s in stats), sum(s[2] for s in stats),
-                              sum(s[3] for s in stats), merge_parts(parts))
-            self.lut[gids] = final
-        self.pending.clear()
+        """Check every object was emitted; returns the provisional -> final id lookup table."""
+        if self.groups:  # every tile arrived, so no object can still wait for one
+            raise RuntimeError(f"{len(self.groups)} seam objects were never closed")
         return self.lut[: self.offset + 1]
