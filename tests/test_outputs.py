@@ -1,0 +1,87 @@
+"""The public output contract: COG masks, GeoPackage layers, summaries, as a GIS reads them."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sqlite3
+
+import numpy as np
+import pyogrio
+import pytest
+import rasterio
+
+from geoseg.config import load_config
+from geoseg.pipeline import run
+from geoseg.synth import write_scene
+
+
+@pytest.fixture(scope="module")
+def outputs(ray_session, tmp_path_factory, oracle_config_path):
+    root = tmp_path_factory.mktemp("outputs")
+    scene = root / "in" / "small.tif"
+    scene.parent.mkdir()
+    write_scene(scene, size=700, seed=11)
+    config = load_config(oracle_config_path, {"tiling": {"tile_size": 256, "halo": 16}})
+    report = run([str(scene.parent)], root / "out", config, progress=False)
+    assert report.ok, report.failures
+    return scene, root / "out"
+
+
+def test_masks_are_cogs_with_colours_and_class_names(outputs):
+    scene, out = outputs
+    with rasterio.open(scene) as src:
+        crs, transform, shape = src.crs, src.transform, src.shape
+    with rasterio.open(out / "small" / "small_landuse.tif") as ds:
+        assert (ds.crs, ds.transform, ds.shape) == (crs, transform, shape)
+        assert ds.dtypes[0] == "uint8" and ds.nodata == 255
+        assert ds.block_shapes[0] == (512, 512)
+        assert ds.overviews(1) == [2]  # 700 px: one overview level down to < 512
+        assert ds.tags()["geoseg_model"] == "landuse"
+        assert json.loads(ds.tags()["geoseg_classes"]) == ["water", "forest", "cropland", "urban", "bare"]
+        assert ds.colormap(1)[0][:3] == (0x1E, 0x3C, 0x8C)
+        assert ds.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
+    with rasterio.open(out / "small" / "small_buildings.tif") as ds:
+        assert ds.dtypes[0] == "uint32" and ds.nodata == 0
+        assert ds.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
+
+
+def test_geopackage_layers_index_and_counts_table(outputs):
+    scene, out = outputs
+    gpkg = out / "small" / "small.gpkg"
+    layers = dict(pyogrio.list_layers(gpkg))
+    assert layers == {"landuse": "MultiPolygon", "buildings": "MultiPolygon", "ships": "MultiPolygon", "counts": None}
+    with rasterio.open(scene) as src:
+        crs = src.crs
+    for layer in ("landuse", "buildings", "ships"):
+        info = pyogrio.read_info(gpkg, layer=layer)
+        assert rasterio.crs.CRS.from_user_input(info["crs"]) == crs
+    fields = list(pyogrio.read_info(gpkg, layer="buildings")["fields"])
+    assert fields == ["instance_id", "class", "score", "area_m2", "length_m", "width_m", "orientation_deg"]
+    with sqlite3.connect(gpkg) as db:
+        rtrees = {r[0] for r in db.execute("select table_name from gpkg_extensions where extension_name = 'gpkg_rtree_index'")}
+        assert rtrees == {"landuse", "buildings", "ships"}
+        counts = {(m, c): (n, px) for m, c, n, px in db.execute('select model, class, count, pixels from counts')}
+    summary = json.loads((out / "small" / "summary.json").read_text())
+    assert counts[("buildings", "building")] == (summary["models"]["buildings"]["classes"]["building"]["count"],
+                                                  summary["models"]["buildings"]["classes"]["building"]["pixels"])
+    # Instance attributes: ids match the raster, measures are metric and consistent.
+    df = pyogrio.read_dataframe(gpkg, layer="buildings")
+    assert (df.length_m >= df.width_m).all() and ((df.orientation_deg >= 0) & (df.orientation_deg < 180)).all()
+    assert np.allclose(df.area_m2, df.geometry.area)  # 1 m pixels in UTM: planar area in m2
+    assert ((df.score > 0.5) & (df.score <= 1)).all()
+
+
+def test_summaries_agree_and_count_only_valid_pixels(outputs):
+    scene, out = outputs
+    summary = json.loads((out / "small" / "summary.json").read_text())
+    with rasterio.open(scene) as src:
+        valid = int((src.read_masks(1) > 0).sum())
+    landuse = summary["models"]["landuse"]["classes"]
+    assert sum(v["pixels"] for v in landuse.values()) == valid == summary["valid_pixels"]
+    assert {k: summary[k] for k in ("input", "width", "height", "status")} == {
+        "input": str(scene), "width": 700, "height": 700, "status": "ok"}
+    rows = list(csv.DictReader(open(out / "summary.csv")))
+    assert len(rows) == 5 + 1 + 1 and all(r["status"] == "ok" for r in rows)
+    ships = next(r for r in rows if r["model"] == "ships")
+    assert int(ships["count"]) == summary["models"]["ships"]["classes"]["ship"]["count"]
