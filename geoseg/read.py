@@ -96,7 +96,8 @@ def read_tile(path: str, tile: Tile, bands: list[int]) -> dict[str, Any]:
             image = ds.read(bands, window=tile.read)
             masks = ds.read_masks(bands, window=tile.read)
     except RasterioIOError as exc:
-        raise InputError(path, f"read failed in window {_window_str(tile)} ({_short(exc)})") from None
+        raise InputError(path, f"read failed in window {_window_str(tile)}, the file may be damaged or truncated "
+                               f"({_short(exc)})") from None
     return {"image": image, "valid": np.all(masks > 0, axis=0)}
 
 
@@ -106,4 +107,9 @@ def _window_str(tile: Tile) -> str:
 
 
 def _short(exc: Exception) -> str:
-    return str(exc).strip().splitlines()[0][:200]
+    msg = str(exc).strip()
+    # rasterio raises a generic "... See previous exception for details." chained to GDAL's error.
+    cause = exc.__cause__ or exc.__context__
+    if cause is not None and str(cause).strip() and (not msg or "See previous exception" in msg):
+        msg = str(cause).strip()
+    return msg.splitlines()[0][:200] if msg else type(exc).__name__
