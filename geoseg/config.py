@@ -8,10 +8,10 @@ Units are in the names where they are not pixels: ``tile_size`` and ``halo`` are
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 from geoseg.errors import ConfigError
 
@@ -39,6 +39,9 @@ class RuntimeConfig(_Frozen):
     num_actors: int | None = Field(None, ge=1)
     # Batches queued per actor so that transfers overlap compute.
     batches_in_flight_per_actor: int = Field(2, ge=1, le=16)
+    # Test-time augmentation for every head that does not set its own: 'flip' averages the
+    # probabilities of the tile and its horizontal, vertical and double flips (4x the compute).
+    tta: Literal["none", "flip"] = "none"
 
 
 class ScaleNormalize(_Frozen):
@@ -62,7 +65,94 @@ class MeanStdNormalize(_Frozen):
         return self
 
 
-Normalize = Union[Literal["none"], ScaleNormalize, MeanStdNormalize]
+class ClipNormalize(_Frozen):
+    """Clip each band to fixed ``[low, high]`` then map to ``[0, 1]`` (uint16 optical imagery).
+
+    ``low``/``high`` are percentiles (``percentiles``, e.g. 2 and 98) of the *training* data,
+    stored as values: every tile of every raster is scaled the same way, never by its own statistics.
+    """
+
+    clip_low: list[float]
+    clip_high: list[float]
+    percentiles: tuple[float, float] | None = None  # what the values were computed from (documentation)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "ClipNormalize":
+        if len(self.clip_low) != len(self.clip_high):
+            raise ValueError(f"clip_low has {len(self.clip_low)} values but clip_high has {len(self.clip_high)}")
+        if any(h <= lo for lo, h in zip(self.clip_low, self.clip_high)):
+            raise ValueError("every clip_high must be > its clip_low")
+        return self
+
+
+class DbNormalize(_Frozen):
+    """SAR backscatter: ``10 * log10(max(x, floor))`` then per-band ``(db - mean) / std`` (mean/std in dB)."""
+
+    db: Literal[True]
+    mean: list[float]
+    std: list[float]
+    floor: float = Field(1e-6, gt=0)
+
+    @model_validator(mode="after")
+    def _same_length(self) -> "DbNormalize":
+        if len(self.mean) != len(self.std):
+            raise ValueError(f"mean has {len(self.mean)} values but std has {len(self.std)}")
+        if any(s <= 0 for s in self.std):
+            raise ValueError("every std must be > 0")
+        return self
+
+
+def _normalize_kind(value: Any) -> str | None:
+    """Which normalisation a YAML value is, from its keys (so errors speak of the right one)."""
+    if isinstance(value, str):
+        return "none"
+    if isinstance(value, BaseModel):
+        return {ScaleNormalize: "scale", MeanStdNormalize: "meanstd", ClipNormalize: "clip",
+                DbNormalize: "db"}.get(type(value))
+    if isinstance(value, dict):
+        if "db" in value:
+            return "db"
+        if "clip_low" in value or "clip_high" in value:
+            return "clip"
+        if "scale" in value:
+            return "scale"
+        return "meanstd"
+    return None
+
+
+Normalize = Annotated[
+    Union[
+        Annotated[Literal["none"], Tag("none")],
+        Annotated[ScaleNormalize, Tag("scale")],
+        Annotated[MeanStdNormalize, Tag("meanstd")],
+        Annotated[ClipNormalize, Tag("clip")],
+        Annotated[DbNormalize, Tag("db")],
+    ],
+    Discriminator(_normalize_kind),
+]
+
+
+def normalize_values(norm: Normalize) -> int | None:
+    """Number of per-band values a normalisation carries (None: applies to any band count)."""
+    if isinstance(norm, (MeanStdNormalize, DbNormalize)):
+        return len(norm.mean)
+    if isinstance(norm, ClipNormalize):
+        return len(norm.clip_low)
+    return None
+
+
+class InputSpec(_Frozen):
+    """What rasters a model was trained on (the input contract); checked against every scene header.
+
+    ``None`` means "not checked". ``count`` is the band count of the training rasters: a scene with
+    another count fails unless the config sets ``bands`` itself (an explicit band mapping).
+    """
+
+    count: int | None = Field(None, ge=1)
+    names: list[str] | None = None  # names of the bands the model reads, in order (e.g. [red, green, blue])
+    dtype: str | None = None  # pixel type the normalisation expects, e.g. uint8, uint16, float32
+    gsd_m: float | None = Field(None, gt=0)  # ground sample distance of the training data, metres
+    gsd_tolerance: float = Field(3.0, gt=1)  # a scene fails when its GSD differs by more than this factor
 
 
 class ModelConfig(_Frozen):
@@ -74,8 +164,21 @@ class ModelConfig(_Frozen):
     colors: list[str] | None = None
     bands: list[int] = Field(min_length=1, description="1-based band indexes fed to the model, in order")
     normalize: Normalize = "none"
-    # Where the network comes from: 'file.py:callable' or 'package.module:callable'.
+    # Where the network comes from: exactly one of
+    #  - factory: 'file.py:callable' or 'package.module:callable';
+    #  - weights (+ arch, encoder): a segmentation-models-pytorch 'save_pretrained' directory
+    #    (config.json + model.safetensors: arch and encoder come from config.json), or a
+    #    .safetensors / .pt state dict of smp.create_model(arch, encoder, in_channels, classes);
+    #  - torchscript: a file written by torch.jit.save.
+    # A geoseg.json beside the weights supplies task, classes, bands, normalize and input defaults.
     factory: str | None = None
+    arch: str | None = None
+    encoder: str | None = None
+    arch_params: dict[str, Any] = {}  # extra smp.create_model arguments, e.g. {decoder_channels: [64, 32, 16]}
+    weights: str | None = None
+    torchscript: str | None = None
+    input: InputSpec = InputSpec()
+    tta: Literal["none", "flip"] | None = None  # None: runtime.tta
     # Instance decoding (ignored for semantic heads).
     channels: list[InstanceChannel] = ["body"]
     threshold: float = Field(0.5, gt=0, lt=1, description="body > threshold is foreground (one channel)")
@@ -97,10 +200,21 @@ class ModelConfig(_Frozen):
                 raise ValueError(f"channels must be [body] or [body, border, contact], got {self.channels}")
         if self.colors is not None and len(self.colors) != len(self.classes):
             raise ValueError(f"{len(self.colors)} colors for {len(self.classes)} classes")
-        if isinstance(self.normalize, MeanStdNormalize) and len(self.normalize.mean) != len(self.bands):
-            raise ValueError(f"normalize has {len(self.normalize.mean)} means for {len(self.bands)} bands")
-        if self.factory is None:
-            raise ValueError("no model source: set 'factory: file.py:callable'")
+        n_norm = normalize_values(self.normalize)
+        if n_norm is not None and n_norm != len(self.bands):
+            raise ValueError(f"normalize has {n_norm} values per band for {len(self.bands)} bands")
+        if self.input.names is not None and len(self.input.names) != len(self.bands):
+            raise ValueError(f"input.names has {len(self.input.names)} names for {len(self.bands)} bands")
+        sources = [k for k in ("factory", "weights", "torchscript") if getattr(self, k) is not None]
+        if not sources:
+            if self.arch is not None:
+                raise ValueError(f"arch '{self.arch}' needs 'weights' (save_pretrained directory, .safetensors or .pt)")
+            raise ValueError("no model source: set one of 'factory: file.py:callable', 'weights: DIR_OR_FILE' "
+                             "(+ 'arch', 'encoder') or 'torchscript: FILE'")
+        if len(sources) > 1:
+            raise ValueError(f"set only one model source, got {' and '.join(sources)}")
+        if (self.arch or self.encoder or self.arch_params) and self.weights is None:
+            raise ValueError("'arch', 'encoder' and 'arch_params' go with 'weights'")
         return self
 
     @property
@@ -118,6 +232,18 @@ class Config(_Frozen):
     # Directory that relative paths in the file (factories, weights) are resolved against.
     base_dir: str = "."
 
+    @model_validator(mode="before")
+    @classmethod
+    def _contracts(cls, data: Any) -> Any:
+        """Fill each head's defaults from the geoseg.json beside its weights (the YAML wins)."""
+        if isinstance(data, dict) and isinstance(data.get("models"), dict):
+            from geoseg.contract import merge_contract
+
+            base = str(data.get("base_dir", "."))
+            data = {**data, "models": {k: merge_contract(k, v, base) if isinstance(v, dict) else v
+                                       for k, v in data["models"].items()}}
+        return data
+
     @model_validator(mode="after")
     def _names(self) -> "Config":
         for name in self.models:
@@ -132,7 +258,9 @@ class Config(_Frozen):
 
 
 def _key(loc: tuple[Any, ...]) -> str:
-    return ".".join(str(p) for p in loc if not str(p).startswith(("function-", "literal[", "ScaleNormalize", "MeanStd")))
+    skip = ("function-", "literal[", "ScaleNormalize", "MeanStd", "ClipNormalize", "DbNormalize")
+    tags = ("none", "scale", "meanstd", "clip", "db")  # tags of the normalize union
+    return ".".join(str(p) for p in loc if not str(p).startswith(skip) and p not in tags)
 
 
 def config_from_dict(data: dict[str, Any], source: str = "<config>", base_dir: str = ".") -> Config:
@@ -145,7 +273,10 @@ def config_from_dict(data: dict[str, Any], source: str = "<config>", base_dir: s
 
 
 def load_config(path: str | Path, overrides: dict[str, dict[str, Any]] | None = None) -> Config:
-    """Read a YAML config; ``overrides`` (e.g. ``{"tiling": {"halo": 0}}``) win over the file."""
+    """Read a YAML config; ``overrides`` (e.g. ``{"tiling": {"halo": 0}}``) win over the file.
+
+    Relative paths in it (factories, weights, torchscript) are resolved against the file's folder.
+    """
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}

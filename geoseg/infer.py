@@ -1,9 +1,11 @@
 """The model actor: one tile read feeds every head; small outputs leave the actor.
 
 ``Predictor`` is a plain callable class (Ray's batch-inference pattern): it runs without Ray, and
-``geoseg.pipeline`` wraps it in an actor, one per GPU. The device comes from
-``torch.cuda.is_available()``, never from Ray's GPU ids. Raw pixels arrive in the raster's own
-dtype and are normalised on the device.
+``geoseg.pipeline`` wraps it in an actor, one per GPU; each actor builds its models once. The device
+comes from ``torch.cuda.is_available()``, never from Ray's GPU ids. Raw pixels arrive in the
+raster's own dtype and are normalised on the device. On CUDA the models run channels_last under
+bf16 (fp16 where bf16 is missing) autocast; on the CPU in float32. Optional flip test-time
+augmentation averages probabilities over four flips (``runtime.tta`` or a head's ``tta``).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from geoseg.config import Config, MeanStdNormalize, ModelConfig, ScaleNormalize
+from geoseg.config import ClipNormalize, Config, DbNormalize, MeanStdNormalize, ModelConfig, ScaleNormalize
 from geoseg.grid import Tile, padded_size
 from geoseg.models import build_model
 
@@ -39,15 +41,45 @@ def pad_to_square(image: np.ndarray, tile: Tile, halo: int, side: int) -> np.nda
     return np.pad(image, pads, mode=mode)
 
 
+def _per_band(values: list[float], x: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(values, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+
+
 def _normalize(x: torch.Tensor, spec: ModelConfig) -> torch.Tensor:
+    """Float ``B x C x H x W`` raw values -> network input. Fixed statistics only: every tile of
+    every raster is mapped the same way (never by the tile's own statistics)."""
     norm = spec.normalize
     if isinstance(norm, ScaleNormalize):
         return x / norm.scale
     if isinstance(norm, MeanStdNormalize):
-        mean = torch.tensor(norm.mean, device=x.device).view(1, -1, 1, 1)
-        std = torch.tensor(norm.std, device=x.device).view(1, -1, 1, 1)
-        return (x - mean) / std
+        return (x - _per_band(norm.mean, x)) / _per_band(norm.std, x)
+    if isinstance(norm, ClipNormalize):
+        low, high = _per_band(norm.clip_low, x), _per_band(norm.clip_high, x)
+        return (torch.minimum(torch.maximum(x, low), high) - low) / (high - low)
+    if isinstance(norm, DbNormalize):
+        db = 10.0 * torch.log10(torch.clamp(x, min=norm.floor))
+        return (db - _per_band(norm.mean, x)) / _per_band(norm.std, x)
     return x
+
+
+def _flips(tta: str) -> list[tuple[int, ...]]:
+    """Dimensions to flip for each pass: identity, then horizontal, vertical and both for 'flip'."""
+    return [()] if tta == "none" else [(), (3,), (2,), (2, 3)]
+
+
+def predict_probs(model: torch.nn.Module, x: torch.Tensor, spec: ModelConfig, tta: str = "none") -> torch.Tensor:
+    """Probabilities ``B x K x H x W`` (softmax for semantic, sigmoid per channel for instance),
+    averaged over the flips of ``tta``. ``x`` is already normalised."""
+    total: torch.Tensor | None = None
+    flips = _flips(tta)
+    for dims in flips:
+        xi = torch.flip(x, dims) if dims else x
+        logits = model(xi).float()
+        probs = torch.softmax(logits, dim=1) if spec.task == "semantic" else torch.sigmoid(logits)
+        probs = torch.flip(probs, dims) if dims else probs
+        total = probs if total is None else total + probs
+    assert total is not None
+    return total / len(flips)
 
 
 class Predictor:
@@ -107,17 +139,16 @@ class Predictor:
             if self.device.type == "cuda":
                 xi = xi.contiguous(memory_format=torch.channels_last)
             with self._autocast():
-                logits = model(xi)
-            logits = logits.float()
+                probs = predict_probs(model, xi, spec, spec.tta or self.config.runtime.tta)
             if spec.task == "semantic":
-                classes = logits.argmax(dim=1).to(torch.uint8).cpu().numpy()
+                classes = probs.argmax(dim=1).to(torch.uint8).cpu().numpy()
                 for k, p in enumerate(payloads):
                     h, w = int(p["tile"].core.height), int(p["tile"].core.width)
                     results[k][name] = classes[k, self.halo : self.halo + h, self.halo : self.halo + w]
             else:
-                probs = (torch.sigmoid(logits) * 255).round().to(torch.uint8).cpu().numpy()
+                scaled = (probs * 255).round().to(torch.uint8).cpu().numpy()
                 for k, p in enumerate(payloads):
-                    results[k][name] = self._crop_read(probs[k], p["tile"])
+                    results[k][name] = self._crop_read(scaled[k], p["tile"])
         return results
 
     def _crop_read(self, arr: np.ndarray, tile: Tile) -> np.ndarray:

@@ -23,6 +23,7 @@ import ray
 from tqdm import tqdm
 
 from geoseg.config import Config
+from geoseg.contract import check_scene
 from geoseg.errors import GeosegError, InputError, OutputError
 from geoseg.grid import Tile
 from geoseg.infer import Predictor
@@ -122,6 +123,7 @@ def _open_scenes(inputs: list[str], config: Config, out_dir: Path, report: RunRe
     for path in paths:
         try:
             info = inspect_scene(path, config.bands_needed)
+            check_scene(info, config)  # each head's input contract: band count, dtype, resolution
             if info.stem in stems:
                 raise InputError(path, f"another input already writes {out_dir / info.stem}; rename one of them")
             stems.add(info.stem)
