@@ -1,4 +1,4 @@
-"""The ``geoseg`` command: ``run`` and ``synth``. Errors print one line on stderr and exit non-zero."""
+"""The ``geoseg`` command: ``run``, ``synth`` and ``train``. Errors print one line on stderr and exit non-zero."""
 
 from __future__ import annotations
 
@@ -84,6 +84,29 @@ def synth(out: str, size: int, seed: int, crs: str, pixel_size: float | None, to
     objects = write_scene(out, size=size, seed=seed, crs=crs, pixel_size=pixel_size, touching_pairs=touching_pairs)
     kinds = {k: sum(o.kind == k for o in objects) for k in ("building", "ship")}
     click.echo(f"{out}: {size}x{size}, {kinds['building']} buildings, {kinds['ship']} ships; truth in {Path(out).with_suffix('.truth')}/")
+
+
+@cli.command()
+@click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False, exists=True))
+@click.option("--steps", type=int, default=None, help="Optimizer steps (overrides the config's train.steps).")
+@click.option("--out", default=None, help="Model directory to write (overrides the config's 'out').")
+@click.option("--evaluate", "evaluate_only", is_flag=True,
+              help="Do not train: score the existing model directory on the held-out split.")
+@click.option("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray).")
+@click.pass_context
+def train(ctx: click.Context, config_path: str, steps: int | None, out: str | None, evaluate_only: bool,
+          address: str | None) -> None:
+    """Train a model from GeoTIFFs and labels into a directory that 'geoseg run' loads.
+
+    \b
+    Examples:
+      geoseg train configs/train/synth-landuse.yaml
+      geoseg train configs/train/synth-buildings.yaml --steps 20 --out /tmp/quick
+      geoseg train configs/train/synth-ships.yaml --evaluate   # re-score models/synth-ships
+    """
+    from geoseg.cli.train import run_train
+
+    run_train(config_path, steps, out, evaluate_only, address, ctx.obj["quiet"])
 
 
 def main() -> None:
