@@ -10,7 +10,9 @@ raster size), and every head runs on one tile read in one actor call.
 from __future__ import annotations
 
 import csv
+import hashlib
 import itertools
+import json
 import logging
 import os
 import time
@@ -19,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+import rasterio
 import ray
 from tqdm import tqdm
 
@@ -33,6 +36,7 @@ from geoseg.read import find_scenes, inspect_scene, read_tile
 from geoseg.scene import SceneJob
 
 log = logging.getLogger("geoseg")
+DRIVER_GDAL_CACHE_MB = 256
 
 
 @dataclass
@@ -42,6 +46,7 @@ class RunReport:
     summaries: list[dict[str, Any]] = field(default_factory=list)
     failures: list[tuple[str, str]] = field(default_factory=list)  # (input, one-line error)
     tiles: int = 0
+    skipped: int = 0  # inputs already done (resume)
     megapixels: float = 0.0
     seconds: float = 0.0
 
@@ -86,9 +91,10 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, num_gpus
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=False)
+        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
     else:
-        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, log_to_driver=False,
+                 logging_level=logging.WARNING)
 
 
 def _start_actors(config: Config) -> list[Any]:
@@ -114,38 +120,69 @@ def _check_out_dir(out_dir: Path) -> None:
         raise OutputError(str(out_dir), f"output folder is not writable ({exc.strerror})") from None
 
 
-def _open_scenes(inputs: list[str], config: Config, out_dir: Path, report: RunReport) -> list[SceneJob]:
+def config_fingerprint(config: Config) -> str:
+    """Hash of the resolved config: a rerun with ``resume`` skips only scenes made the same way."""
+    return hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:16]
+
+
+def _done_before(path: str, out_dir: Path, stem: str, fingerprint: str) -> dict[str, Any] | None:
+    """The summary of an earlier successful run of this input with this config, if still current."""
+    summary_path = out_dir / stem / "summary.json"
+    try:
+        summary = json.loads(summary_path.read_text())
+        newer = os.path.exists(path) and os.path.getmtime(path) > summary_path.stat().st_mtime
+    except (OSError, ValueError):
+        return None
+    same = summary.get("input") == path and summary.get("config") == fingerprint and summary.get("status") == "ok"
+    return summary if same and not newer else None
+
+
+def _open_scenes(inputs: list[str], config: Config, out_dir: Path, report: RunReport,
+                 resume: bool = False) -> list[SceneJob]:
     paths, errors = find_scenes(inputs)
     for err in errors:
         report.failures.append((err.path, str(err)))
     jobs: list[SceneJob] = []
     stems: set[str] = set()
+    fingerprint = config_fingerprint(config)
     for path in paths:
+        if resume and (done := _done_before(path, out_dir, Path(path).stem, fingerprint)):
+            log.info("%s: already done with this config, skipped (resume)", path)
+            report.summaries.append(done)
+            report.skipped += 1
+            stems.add(Path(path).stem)
+            continue
         try:
             info = inspect_scene(path, config.bands_needed)
             check_scene(info, config)  # each head's input contract: band count, dtype, resolution
             if info.stem in stems:
                 raise InputError(path, f"another input already writes {out_dir / info.stem}; rename one of them")
             stems.add(info.stem)
-            jobs.append(SceneJob(len(jobs), info, config, out_dir))
+            jobs.append(SceneJob(len(jobs), info, config, out_dir, fingerprint))
         except GeosegError as exc:
-            log.error("%s", exc)
+            log.info("%s", exc)
             report.failures.append((path, str(exc)))
     return jobs
 
 
 def run(inputs: list[str], out_dir: str | Path, config: Config, address: str | None = None,
-        progress: bool = True) -> RunReport:
-    """Process every input; a failing input is reported and the others go on."""
+        progress: bool = True, resume: bool = False) -> RunReport:
+    """Process every input; a failing input is reported and the others go on.
+
+    With ``resume``, inputs whose ``out/<stem>/summary.json`` says they were done with the same
+    config (and that are older than it) are skipped, so a rerun after a failure redoes the rest.
+    """
     started = time.monotonic()
     out_dir = Path(out_dir)
     _check_out_dir(out_dir)
     check_models(config)
     report = RunReport()
-    jobs = _open_scenes(inputs, config, out_dir, report)
-    if jobs:
-        ensure_ray(address)
-        _schedule(jobs, config, report, progress)
+    # The driver writes masks window by window; a small GDAL block cache keeps its memory flat.
+    with rasterio.Env(GDAL_CACHEMAX=DRIVER_GDAL_CACHE_MB):
+        jobs = _open_scenes(inputs, config, out_dir, report, resume)
+        if jobs:
+            ensure_ray(address)
+            _schedule(jobs, config, report, progress)
     report.seconds = time.monotonic() - started
     write_run_csv(out_dir / "summary.csv", report, config)
     return report
@@ -190,7 +227,7 @@ def _schedule(jobs: list[SceneJob], config: Config, report: RunReport, progress:
             job, tile = in_flight.pop(ref)
             result = _get(ref, tile)
             if result.status == "error" and not job.error:
-                log.error("%s", result.error)
+                log.info("%s", result.error)
             job.add(result)
             done_px += int(result.tile.core.width * result.tile.core.height)
             bar.update(1)
@@ -228,7 +265,7 @@ def _finish(job: SceneJob, report: RunReport) -> None:
     except Exception as exc:
         job.abort()
         msg = f"{job.info.path}: writing outputs failed ({exc})"
-        log.error("%s", msg)
+        log.info("%s", msg)
         report.failures.append((job.info.path, msg))
 
 

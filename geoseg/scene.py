@@ -32,8 +32,8 @@ from geoseg.units import ground_scale
 class SceneJob:
     """Stitches and writes one scene; holds at most a few tiles' worth of pixels."""
 
-    def __init__(self, index: int, info: SceneInfo, config: Config, out_dir: Path) -> None:
-        self.index, self.info, self.config = index, info, config
+    def __init__(self, index: int, info: SceneInfo, config: Config, out_dir: Path, config_id: str = "") -> None:
+        self.index, self.info, self.config, self.config_id = index, info, config, config_id
         ts, halo = config.tiling.tile_size, config.tiling.halo
         self.grid_shape = tile_grid_shape(info.width, info.height, ts)
         self.n_tiles = self.grid_shape[0] * self.grid_shape[1]
@@ -116,6 +116,7 @@ class SceneJob:
             "width": self.info.width,
             "height": self.info.height,
             "status": "ok",
+            "config": self.config_id,
             "tiles": self.n_tiles,
             "valid_pixels": self.valid_pixels,
             "seconds": round(time.monotonic() - self.started, 2),

@@ -49,8 +49,10 @@ def ground_scale(crs: CRS | str, transform: Affine, width: int, height: int) -> 
     to_lonlat = Transformer.from_crs(crs, crs.geodetic_crs, always_xy=True)
     col = width / 2.0
     rows = np.arange(height + 1, dtype=np.float64)
-    xs_l, ys = transform * (np.full_like(rows, col), rows)
-    xs_r, _ = transform * (np.full_like(rows, col + 1), rows)
+    # Affine applied by hand: the pixel corners (col, row) and (col + 1, row) of each row.
+    xs_l = transform.a * col + transform.b * rows + transform.c
+    xs_r = transform.a * (col + 1) + transform.b * rows + transform.c
+    ys = transform.d * col + transform.e * rows + transform.f
     lon_l, lat = to_lonlat.transform(xs_l, ys)
     lon_r, _ = to_lonlat.transform(xs_r, ys)
     areas = np.empty(height)
