@@ -164,3 +164,7 @@ def format_scores(scores: dict[str, Any]) -> str:
             lines.append(f"{head}: {s['predicted']} predicted / {s['truth']} true, precision {s['precision']:.3f}, "
                          f"recall {s['recall']:.3f}, F1 {s['f1']:.3f} at IoU {s['iou_threshold']}")
     return "\n".join(lines)
+
+
+# The name ``geoseg.demo`` calls.
+evaluate_scene = score_synthetic
