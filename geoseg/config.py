@@ -283,9 +283,20 @@ def load_config(path: str | Path, overrides: dict[str, dict[str, Any]] | None = 
     except OSError as exc:
         raise ConfigError(str(path), "", f"cannot read: {exc.strerror}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(str(path), "", f"not valid YAML: {exc}") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(str(path), "", f"not valid YAML{where}: {problem}") from None
     if not isinstance(data, dict):
         raise ConfigError(str(path), "", "top level must be a mapping")
+    flags = {}
     for section, values in (overrides or {}).items():
-        data[section] = {**(data.get(section) or {}), **{k: v for k, v in values.items() if v is not None}}
-    return config_from_dict(data, str(path), str(path.resolve().parent))
+        given = {k: v for k, v in values.items() if v is not None}
+        data[section] = {**(data.get(section) or {}), **given}
+        flags.update({f"{section}.{k}": "--" + k.replace("_", "-") for k in given})
+    try:
+        return config_from_dict(data, str(path), str(path.resolve().parent))
+    except ConfigError as exc:
+        if exc.key in flags:  # the bad value came from a command-line flag, not the file
+            raise ConfigError(flags[exc.key], "", exc.problem) from None
+        raise
