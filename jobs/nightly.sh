@@ -7,4 +7,4 @@ SCENES=${1:?usage: nightly.sh SCENES_DIR OUT_ROOT [CONFIG]}
 OUT_ROOT=${2:?usage: nightly.sh SCENES_DIR OUT_ROOT [CONFIG]}
 CONFIG=${3:-configs/default.yaml}
 export RAY_ADDRESS=${RAY_ADDRESS:-auto}
-exec geoseg run "$SCENES" --out "$OUT_ROOT/$(date -u +%Y-%m-%d)" --config "$CONFIG"
+exec geoseg run "$SCENES" --out "$OUT_ROOT/$(date -u +%Y-%m-%d)" --config "$CONFIG" --resume

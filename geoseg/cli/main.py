@@ -36,14 +36,16 @@ def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
 @click.option("--batch-size", type=int, default=None, help="Tiles per model call.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None)
 @click.option("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray).")
+@click.option("--resume", is_flag=True, help="Skip inputs already done with the same config (see summary.json).")
 @click.pass_context
 def run(ctx: click.Context, inputs: tuple[str, ...], out_dir: str, config_path: str | None, tile_size: int | None,
-        halo: int | None, batch_size: int | None, device: str | None, address: str | None) -> None:
+        halo: int | None, batch_size: int | None, device: str | None, address: str | None, resume: bool) -> None:
     """Segment every GeoTIFF in INPUTS (files or folders) into OUT.
 
     \b
     Examples:
       geoseg run scenes/ --out out/
+      geoseg run scenes/ --out out/ --resume      # nightly: skip scenes already done
       geoseg run a.tif b.tif --out out/ --config configs/default.yaml --tile-size 1024
       geoseg run /vsis3/bucket/scene.tif --out out/ --address ray://head:10001
     """
@@ -52,11 +54,12 @@ def run(ctx: click.Context, inputs: tuple[str, ...], out_dir: str, config_path: 
 
     overrides = {"tiling": {"tile_size": tile_size, "halo": halo}, "runtime": {"batch_size": batch_size, "device": device}}
     config = load_config(config_path or DEFAULT_CONFIG, overrides)
-    report = run_pipeline(list(inputs), out_dir, config, address=address, progress=not ctx.obj["quiet"])
+    report = run_pipeline(list(inputs), out_dir, config, address=address, progress=not ctx.obj["quiet"], resume=resume)
     for path, error in report.failures:
         click.echo(f"error: {error}" if path in error else f"error: {path}: {error}", err=True)
+    skipped = f" ({report.skipped} skipped: already done)" if report.skipped else ""
     click.echo(
-        f"{len(report.summaries)} scene(s) ok, {len(report.failures)} failed; {report.tiles} tiles, "
+        f"{len(report.summaries)} scene(s) ok{skipped}, {len(report.failures)} failed; {report.tiles} tiles, "
         f"{report.megapixels:.1f} Mpx in {report.seconds:.1f} s -> {Path(out_dir) / 'summary.csv'}"
     )
     if not report.ok:
