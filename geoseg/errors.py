@@ -6,9 +6,17 @@ from __future__ import annotations
 class GeosegError(Exception):
     """Root of every error geoseg raises on purpose."""
 
+    _fields: tuple[str, ...] = ()
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        # Rebuild from the fields, not the message, so errors survive Ray's pickling.
+        return (type(self), tuple(getattr(self, f) for f in self._fields))
+
 
 class ConfigError(GeosegError, ValueError):
     """A configuration file or flag is invalid."""
+
+    _fields = ("source", "key", "problem")
 
     def __init__(self, source: str, key: str, problem: str) -> None:
         self.source, self.key, self.problem = source, key, problem
@@ -19,6 +27,8 @@ class ConfigError(GeosegError, ValueError):
 class InputError(GeosegError, ValueError):
     """An input raster cannot be processed (unreadable, no CRS, too few bands, ...)."""
 
+    _fields = ("path", "problem")
+
     def __init__(self, path: str, problem: str) -> None:
         self.path, self.problem = str(path), problem
         super().__init__(f"{path}: {problem}")
@@ -27,6 +37,8 @@ class InputError(GeosegError, ValueError):
 class ModelError(GeosegError, ValueError):
     """A model cannot be built or loaded, or does not match its configuration."""
 
+    _fields = ("model", "problem")
+
     def __init__(self, model: str, problem: str) -> None:
         self.model, self.problem = model, problem
         super().__init__(f"model '{model}': {problem}")
@@ -34,6 +46,8 @@ class ModelError(GeosegError, ValueError):
 
 class OutputError(GeosegError, OSError):
     """The output location cannot be written."""
+
+    _fields = ("path", "problem")
 
     def __init__(self, path: str, problem: str) -> None:
         self.path, self.problem = str(path), problem

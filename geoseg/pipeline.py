@@ -29,14 +29,13 @@ from geoseg.config import Config
 from geoseg.contract import check_scene
 from geoseg.errors import GeosegError, InputError, OutputError
 from geoseg.grid import Tile
-from geoseg.infer import Predictor
-from geoseg.models import check_models
 from geoseg.postprocess import TileResult, postprocess_tile
 from geoseg.read import find_scenes, inspect_scene, read_tile
 from geoseg.scene import SceneJob
 
 log = logging.getLogger("geoseg")
 DRIVER_GDAL_CACHE_MB = 256
+LOCAL_OBJECT_STORE_BYTES = 2 * 1024**3
 
 
 @dataclass
@@ -78,11 +77,33 @@ class _PredictorActor:
     """Ray actor around ``Predictor``: one return value per tile, so each tile moves on alone."""
 
     def __init__(self, config: Config, num_threads: int) -> None:
+        from geoseg.infer import Predictor  # torch lives in the actors, not in the driver
+
         self.predictor = Predictor(config, num_threads=num_threads)
 
     def predict(self, *payloads: dict[str, Any]) -> Any:
         out = self.predictor(list(payloads))
         return out[0] if len(out) == 1 else tuple(out)
+
+
+def _check_models_task(config: Config) -> None:
+    from geoseg.models import check_models
+
+    check_models(config)
+
+
+def check_models_on_cluster(config: Config) -> None:
+    """Build and test every model once in a Ray worker, before any tile is read.
+
+    Done in a worker so that the driver never imports torch (about 700 MB for a CUDA build): the
+    driver's memory stays small and flat whatever the raster size.
+    """
+    try:
+        ray.get(ray.remote(num_cpus=1)(_check_models_task).remote(config))
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, GeosegError):
+            raise exc.cause from None
+        raise
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None) -> None:
@@ -93,8 +114,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, num_gpus
     if address:
         ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
     else:
+        # A capped object store: tiles in flight are few, and the driver maps what it reads.
         ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.WARNING)
+                 logging_level=logging.WARNING, object_store_memory=LOCAL_OBJECT_STORE_BYTES)
 
 
 def _start_actors(config: Config) -> list[Any]:
@@ -175,13 +197,13 @@ def run(inputs: list[str], out_dir: str | Path, config: Config, address: str | N
     started = time.monotonic()
     out_dir = Path(out_dir)
     _check_out_dir(out_dir)
-    check_models(config)
+    ensure_ray(address)
+    check_models_on_cluster(config)
     report = RunReport()
     # The driver writes masks window by window; a small GDAL block cache keeps its memory flat.
     with rasterio.Env(GDAL_CACHEMAX=DRIVER_GDAL_CACHE_MB):
         jobs = _open_scenes(inputs, config, out_dir, report, resume)
         if jobs:
-            ensure_ray(address)
             _schedule(jobs, config, report, progress)
     report.seconds = time.monotonic() - started
     write_run_csv(out_dir / "summary.csv", report, config)
