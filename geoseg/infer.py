@@ -62,6 +62,22 @@ def _normalize(x: torch.Tensor, spec: ModelConfig) -> torch.Tensor:
     return x
 
 
+def mask_invalid(x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """Nodata pixels (GDAL mask) enter the network as 0 after normalisation (the training mean
+    for mean/std), in training and at run time alike, so that raw fill values such as -99999
+    never reach it."""
+    return x if valid is None else torch.where(valid[:, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def _padded_valid(payloads: list[dict[str, Any]], halo: int, side: int, device: torch.device) -> torch.Tensor | None:
+    masks = [p.get("valid") for p in payloads]
+    if all(m is None or bool(m.all()) for m in masks):
+        return None
+    padded = [pad_to_square((m if m is not None else np.ones(p["image"].shape[-2:], bool))[None], p["tile"], halo, side)[0]
+              for m, p in zip(masks, payloads)]
+    return torch.from_numpy(np.stack(padded)).to(device)
+
+
 def _flips(tta: str) -> list[tuple[int, ...]]:
     """Dimensions to flip for each pass: identity, then horizontal, vertical and both for 'flip'."""
     return [()] if tta == "none" else [(), (3,), (2,), (2, 3)]
@@ -133,9 +149,10 @@ class Predictor:
         if self.device.type == "cuda":
             x = x.pin_memory().to(self.device, non_blocking=True)
         x = x.float()
+        valid = _padded_valid(payloads, self.halo, self.side, x.device)
         results: list[dict[str, np.ndarray]] = [{} for _ in payloads]
         for name, (spec, model, positions) in self.heads.items():
-            xi = _normalize(x[:, positions], spec)
+            xi = mask_invalid(_normalize(x[:, positions], spec), valid)
             if self.device.type == "cuda":
                 xi = xi.contiguous(memory_format=torch.channels_last)
             with self._autocast():

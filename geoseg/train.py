@@ -98,6 +98,8 @@ class TrainParams(_Strict):
     seed: int = 0
     threads: int = Field(1, ge=1)  # torch threads per worker on the CPU
     positive_weight: float = Field(3.0, ge=1)  # instance tasks: chips with objects are drawn this much more often
+    # semantic tasks: weight the loss of each class by 1/sqrt(its training pixels) (rare classes count more)
+    class_weighting: Literal["none", "inverse_sqrt"] = "none"
     num_workers: int = Field(1, ge=1)
 
 
@@ -394,10 +396,11 @@ def make_chips(cfg: TrainConfig, scenes: list[Scene]) -> dict[str, np.ndarray]:
     """Training chips: plan_tiles over each scene's training rows, padded as the predictor pads.
 
     Returns ``x`` (N x C x S x S, raster dtype), ``y`` (semantic N x S x S uint8, 255 ignore;
-    instance N x K x S x S uint8) and ``valid`` (N x S x S bool; padding and nodata are False).
+    instance N x K x S x S uint8), ``valid`` (N x S x S bool, where the loss counts: padding, nodata
+    and unlabelled pixels are False) and ``image_valid`` (N x S x S bool, pixels with data).
     """
     side = padded_size(cfg.chip_size, cfg.chip_halo)
-    xs, ys, vs = [], [], []
+    xs, ys, vs, ivs = [], [], [], []
     for s in scenes:
         if s.spec.split == "holdout":
             continue
@@ -409,7 +412,7 @@ def make_chips(cfg: TrainConfig, scenes: list[Scene]) -> dict[str, np.ndarray]:
         for tile in plan_tiles(w, h, min(cfg.chip_size, h, w), cfg.chip_halo):
             win = (slice(int(tile.read.row_off), int(tile.read.row_off + tile.read.height)),
                    slice(int(tile.read.col_off), int(tile.read.col_off + tile.read.width)))
-            v = valid[win]
+            v = iv = valid[win]
             if cfg.task == "semantic":
                 v = v & (target[win] != IGNORE)
             if not v.any():
@@ -417,10 +420,12 @@ def make_chips(cfg: TrainConfig, scenes: list[Scene]) -> dict[str, np.ndarray]:
             xs.append(_pad(image[(slice(None), *win)], tile, cfg.chip_halo, side, "reflect"))
             ys.append(_pad(target[(Ellipsis, *win)], tile, cfg.chip_halo, side, "reflect"))
             vs.append(_pad(v, tile, cfg.chip_halo, side, "constant"))
+            ivs.append(_pad(iv, tile, cfg.chip_halo, side, "reflect"))  # as the predictor pads the image
     if not xs:
         raise InputError(cfg.name, "no training chip holds a labelled pixel")
     x = np.stack(xs)
-    return {"x": x.astype(np.float32) if x.dtype.kind == "f" else x, "y": np.stack(ys), "valid": np.stack(vs)}
+    return {"x": x.astype(np.float32) if x.dtype.kind == "f" else x, "y": np.stack(ys), "valid": np.stack(vs),
+            "image_valid": np.stack(ivs)}
 
 
 # -------------------------------------------------------------------------------------- training
@@ -433,10 +438,11 @@ def _head_spec(cfg: TrainConfig, normalize: Any) -> ModelConfig:
     })
 
 
-def _loss(logits: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, task: str) -> torch.Tensor:
+def _loss(logits: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, task: str,
+          class_weights: torch.Tensor | None = None) -> torch.Tensor:
     if task == "semantic":
         y = torch.where(valid, y.long(), torch.full_like(y.long(), IGNORE))
-        return torch.nn.functional.cross_entropy(logits, y, ignore_index=IGNORE)
+        return torch.nn.functional.cross_entropy(logits, y, weight=class_weights, ignore_index=IGNORE)
     v = valid[:, None].float()
     yf = y.float()
     bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, yf, reduction="none")
@@ -450,11 +456,11 @@ def _loss(logits: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, task: str)
     return bce + dice.mean()
 
 
-def _augment(x: torch.Tensor, y: torch.Tensor, v: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+def _augment(*tensors: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
     k = int(torch.randint(0, 4, (1,), generator=gen))
     flip = bool(torch.randint(0, 2, (1,), generator=gen))
     out = []
-    for t in (x, y, v):
+    for t in tensors:
         t = torch.rot90(t, k, dims=(-2, -1))
         out.append(torch.flip(t, dims=(-1,)) if flip else t)
     return tuple(out)
@@ -469,7 +475,7 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
     import ray.train.torch
     from ray.train import Checkpoint
 
-    from geoseg.infer import _normalize
+    from geoseg.infer import _normalize, mask_invalid
     from geoseg.models import create_smp
 
     torch.manual_seed(loop_cfg["seed"])
@@ -486,6 +492,9 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=loop_cfg["lr"], total_steps=steps, pct_start=0.15)
     x_all = torch.from_numpy(chips["x"].astype(np.float32))
     y_all, v_all = torch.from_numpy(chips["y"]), torch.from_numpy(chips["valid"])
+    iv_all = torch.from_numpy(chips["image_valid"])
+    cw = loop_cfg.get("class_weights")
+    class_weights = torch.tensor(cw, dtype=torch.float32, device=device) if cw else None
     weights = torch.from_numpy(chips["weights"]).double()
     gen = torch.Generator().manual_seed(loop_cfg["seed"] + ray.train.get_context().get_world_rank())
     bs = loop_cfg["batch_size"]
@@ -494,14 +503,14 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
     use_amp = device.type == "cuda"
     for step in range(steps):
         idx = torch.multinomial(weights, bs, replacement=True, generator=gen)
-        x, y, v = _augment(x_all[idx], y_all[idx], v_all[idx], gen)
-        x, y, v = x.to(device), y.to(device), v.to(device)
-        x = _normalize(x, spec)
+        x, y, v, iv = _augment(x_all[idx], y_all[idx], v_all[idx], iv_all[idx], gen=gen)
+        x, y, v, iv = x.to(device), y.to(device), v.to(device), iv.to(device)
+        x = mask_invalid(_normalize(x, spec), iv)
         if use_amp:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             logits = model(x)
-        loss = _loss(logits.float(), y, v, spec.task)
+        loss = _loss(logits.float(), y, v, spec.task, class_weights)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -529,11 +538,16 @@ def _fit(cfg: TrainConfig, spec: ModelConfig, chips: dict[str, np.ndarray], stor
         chips["weights"] = np.where(positive, cfg.train.positive_weight, 1.0)
     else:
         chips["weights"] = np.ones(len(chips["x"]))
+    class_weights = None
+    if cfg.task == "semantic" and cfg.train.class_weighting == "inverse_sqrt":
+        counts = np.array([((chips["y"] == k) & chips["valid"]).sum() for k in range(len(cfg.classes))], np.float64)
+        w = np.where(counts > 0, 1.0 / np.sqrt(np.maximum(counts, 1)), 0.0)
+        class_weights = [round(float(v), 6) for v in w / w[w > 0].mean()]
     use_gpu = torch.cuda.is_available()
     loop_cfg = {
         "chips": ray.put(chips), "spec": spec.model_dump(), "arch": cfg.model.model_dump(), "steps": cfg.train.steps,
         "batch_size": cfg.train.batch_size, "lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay,
-        "seed": cfg.train.seed, "threads": cfg.train.threads,
+        "seed": cfg.train.seed, "threads": cfg.train.threads, "class_weights": class_weights,
     }
     trainer = TorchTrainer(
         train_loop,
@@ -556,10 +570,10 @@ def _fit(cfg: TrainConfig, spec: ModelConfig, chips: dict[str, np.ndarray], stor
 
 @torch.inference_mode()
 def predict_region(model: torch.nn.Module, spec: ModelConfig, image: np.ndarray, tile_size: int, halo: int,
-                   tta: str = "none") -> np.ndarray:
+                   tta: str = "none", valid: np.ndarray | None = None) -> np.ndarray:
     """Sliding-window probabilities (K x H x W float32) over an in-memory image, tiled and padded
     exactly as ``geoseg run`` tiles and pads a raster."""
-    from geoseg.infer import _WIDEN, _normalize, pad_to_square, predict_probs
+    from geoseg.infer import _WIDEN, _normalize, mask_invalid, pad_to_square, predict_probs
 
     _, h, w = image.shape
     side = padded_size(tile_size, halo)
@@ -570,6 +584,10 @@ def predict_region(model: torch.nn.Module, spec: ModelConfig, image: np.ndarray,
         arr = pad_to_square(win, tile, halo, side)
         arr = arr.astype(_WIDEN.get(arr.dtype, arr.dtype), copy=False)
         x = _normalize(torch.from_numpy(np.ascontiguousarray(arr))[None].float(), spec)
+        if valid is not None:
+            vwin = valid[int(tile.read.row_off): int(tile.read.row_off + tile.read.height),
+                         int(tile.read.col_off): int(tile.read.col_off + tile.read.width)]
+            x = mask_invalid(x, torch.from_numpy(pad_to_square(vwin[None], tile, halo, side))) if not vwin.all() else x
         probs = predict_probs(model, x, spec, tta)[0].numpy()
         r0, c0 = int(tile.core.row_off), int(tile.core.col_off)
         hh, ww = int(tile.core.height), int(tile.core.width)
@@ -593,7 +611,7 @@ def evaluate(cfg: TrainConfig, spec: ModelConfig, model: torch.nn.Module, scenes
         rows = _holdout_rows(s)
         image, target, valid = s.image[:, rows], s.target[rows], s.valid[rows]
         pixels += int(valid.sum())
-        probs = predict_region(model, spec, image, cfg.eval_tile_size, cfg.eval_halo)
+        probs = predict_region(model, spec, image, cfg.eval_tile_size, cfg.eval_halo, valid=valid)
         if cfg.task == "semantic":
             cm += confusion(probs.argmax(0), target, n, valid)
         else:

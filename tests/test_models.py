@@ -186,3 +186,21 @@ def test_every_source_runs_through_geoseg_run(ray_session, tmp_path, smp_dir):
         np.testing.assert_array_equal(masks[name], masks["pretrained"])
     summary = json.loads((tmp_path / "out" / "scene" / "summary.json").read_text())
     assert set(summary["models"]) == set(models)
+
+
+def test_nodata_pixels_enter_the_network_as_zero_after_normalisation(smp_dir):
+    """Raw fill values (e.g. -99999) never reach the network: masked pixels are 0 once normalised."""
+    cfg = config_from_dict({**_semantic({"weights": str(smp_dir)}, normalize={"mean": [10, 20, 30], "std": [2, 2, 2]}),
+                            "tiling": {"tile_size": 64, "halo": 0}})
+    pred = Predictor(cfg)
+    from geoseg.grid import plan_tiles
+
+    tile = next(plan_tiles(64, 64, 64, 0))
+    image = np.random.default_rng(1).uniform(0, 40, (3, 64, 64)).astype(np.float32)
+    valid = np.ones((64, 64), bool)
+    valid[:20, :30] = False
+    filled, fill_value = image.copy(), image.copy()
+    filled[:, ~valid] = -99999.0
+    fill_value[:, ~valid] = np.array([10, 20, 30], np.float32)[:, None]  # the mean: 0 once normalised
+    run = lambda img, v: pred([{"tile": tile, "status": "ok", "image": img, "valid": v}])[0]["heads"]["landuse"]
+    np.testing.assert_array_equal(run(filled, valid), run(fill_value, np.ones_like(valid)))
