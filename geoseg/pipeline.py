@@ -175,7 +175,7 @@ def _open_scenes(inputs: list[str], config: Config, out_dir: Path, report: RunRe
             stems.add(Path(path).stem)
             continue
         try:
-            info = inspect_scene(path, config.bands_needed)
+            info = inspect_scene(path)
             check_scene(info, config)  # each head's input contract: band count, dtype, resolution
             if info.stem in stems:
                 raise InputError(path, f"another input already writes {out_dir / info.stem}; rename one of them")

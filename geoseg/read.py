@@ -60,16 +60,17 @@ def find_scenes(inputs: list[str]) -> tuple[list[str], list[InputError]]:
     return found, errors
 
 
-def inspect_scene(path: str, bands_needed: list[int]) -> SceneInfo:
-    """Open a scene's header and check it can feed every head; raise InputError otherwise."""
+def inspect_scene(path: str) -> SceneInfo:
+    """Open a scene's header and check it is a georeferenced raster; raise InputError otherwise.
+
+    What each model needs of it (bands, dtype, resolution) is checked by ``geoseg.contract.check_scene``.
+    """
     try:
         with rasterio.open(path) as ds:
             if ds.crs is None:
                 raise InputError(path, "raster has no CRS; assign one (e.g. gdal_edit.py -a_srs EPSG:32618)")
             if ds.transform.b != 0 or ds.transform.d != 0:
                 raise InputError(path, "rotated geotransform is not supported; warp to a north-up grid first")
-            if max(bands_needed) > ds.count:
-                raise InputError(path, f"{ds.count} band(s), but the models read bands {bands_needed}")
             return SceneInfo(
                 path=path,
                 width=ds.width,

@@ -84,7 +84,7 @@ def test_relative_weights_resolve_against_the_yaml_folder(tmp_path, model_dir):
 def test_scene_that_does_not_fit_fails_with_one_line(tmp_path, model_dir, raster, head, message):
     path = _raster(tmp_path / "scene.tif", **raster)
     cfg = _cfg(model_dir, **head)
-    info = inspect_scene(str(path), [1])  # header only; the contract check adds the model's view
+    info = inspect_scene(str(path))  # header only; the contract check adds the model's view
     with pytest.raises(InputError) as err:
         check_scene(info, cfg)
     assert str(err.value).startswith(f"{path}: ") and message in str(err.value), str(err.value)
@@ -92,12 +92,12 @@ def test_scene_that_does_not_fit_fails_with_one_line(tmp_path, model_dir, raster
 
 
 def test_fitting_scenes_pass_and_overrides_allow_others(tmp_path, model_dir):
-    check_scene(inspect_scene(str(_raster(tmp_path / "ok.tif", res=1.5)), [1, 2, 3]), _cfg(model_dir))
-    four = inspect_scene(str(_raster(tmp_path / "four.tif", count=4)), [1, 2, 3])
+    check_scene(inspect_scene(str(_raster(tmp_path / "ok.tif", res=1.5))), _cfg(model_dir))
+    four = inspect_scene(str(_raster(tmp_path / "four.tif", count=4)))
     check_scene(four, _cfg(model_dir, bands=[1, 2, 3]))
-    u16 = inspect_scene(str(_raster(tmp_path / "u16.tif", dtype="uint16")), [1, 2, 3])
+    u16 = inspect_scene(str(_raster(tmp_path / "u16.tif", dtype="uint16")))
     check_scene(u16, _cfg(model_dir, normalize={"scale": 65535}))
-    geo = inspect_scene(str(_raster(tmp_path / "geo.tif", res=1e-5, crs="EPSG:4326")), [1, 2, 3])
+    geo = inspect_scene(str(_raster(tmp_path / "geo.tif", res=1e-5, crs="EPSG:4326")))
     assert 0.8 < scene_gsd_m(geo.crs_wkt, geo.transform, geo.width, geo.height) < 1.2
     check_scene(geo, _cfg(model_dir))
 
@@ -114,7 +114,7 @@ def test_run_reports_the_misfit_scene_and_processes_the_others(ray_session, tmp_
     assert result.exit_code == 1, result.output
     err = result.stderr if hasattr(result, "stderr") else result.output
     assert "wide.tif: does not fit model 'landuse': expects uint8 pixels, the raster is uint16" in err
-    assert "pan.tif: 1 band(s), but the models read bands [1, 2, 3]" in err
+    assert "pan.tif: does not fit model 'landuse': reads bands [1, 2, 3] but the raster has 1 band(s)" in err
     assert "Traceback" not in result.output
     assert (tmp_path / "out" / "good" / "good_landuse.tif").exists() and good is not None
     assert not (tmp_path / "out" / "wide").exists()
