@@ -272,12 +272,8 @@ def config_from_dict(data: dict[str, Any], source: str = "<config>", base_dir: s
         raise ConfigError(source, _key(err["loc"]), err["msg"].removeprefix("Value error, ")) from None
 
 
-def load_config(path: str | Path, overrides: dict[str, dict[str, Any]] | None = None) -> Config:
-    """Read a YAML config; ``overrides`` (e.g. ``{"tiling": {"halo": 0}}``) win over the file.
-
-    Relative paths in it (factories, weights, torchscript) are resolved against the file's folder.
-    """
-    path = Path(path)
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping; errors are one line naming the file (and line)."""
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except OSError as exc:
@@ -289,6 +285,16 @@ def load_config(path: str | Path, overrides: dict[str, dict[str, Any]] | None = 
         raise ConfigError(str(path), "", f"not valid YAML{where}: {problem}") from None
     if not isinstance(data, dict):
         raise ConfigError(str(path), "", "top level must be a mapping")
+    return data
+
+
+def load_config(path: str | Path, overrides: dict[str, dict[str, Any]] | None = None) -> Config:
+    """Read a YAML config; ``overrides`` (e.g. ``{"tiling": {"halo": 0}}``) win over the file.
+
+    Relative paths in it (factories, weights, torchscript) are resolved against the file's folder.
+    """
+    path = Path(path)
+    data = read_yaml_mapping(path)
     flags = {}
     for section, values in (overrides or {}).items():
         given = {k: v for k, v in values.items() if v is not None}

@@ -24,12 +24,11 @@ from typing import Any, Literal, Union
 import numpy as np
 import rasterio
 import torch
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from rasterio.features import rasterize
 from scipy import ndimage
 
-from geoseg.config import InstanceChannel, ModelConfig, Normalize
+from geoseg.config import InstanceChannel, ModelConfig, Normalize, read_yaml_mapping
 from geoseg.contract import resolve, save_contract
 from geoseg.errors import ConfigError, InputError
 from geoseg.evaluate import IGNORE, confusion, match_instances, semantic_scores
@@ -148,14 +147,7 @@ class TrainConfig(_Strict):
 def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """Read a training YAML (relative paths resolve against its folder)."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except OSError as exc:
-        raise ConfigError(str(path), "", f"cannot read: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(str(path), "", f"not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(str(path), "", "top level must be a mapping")
+    data = read_yaml_mapping(path)
     for key, value in (overrides or {}).items():
         if isinstance(value, dict):
             data[key] = {**(data.get(key) or {}), **{k: v for k, v in value.items() if v is not None}}
