@@ -253,7 +253,7 @@ def _schedule(jobs: list[SceneJob], config: Config, report: RunReport, progress:
             job.add(result)
             done_px += int(result.tile.core.width * result.tile.core.height)
             bar.update(1)
-            bar.set_postfix_str(f"{done_px / 1e6 / max(time.monotonic() - started, 1e-9):.1f} Mpx/s", refresh=False)
+            bar.set_postfix_str(f"{done_px / 1e6 / max(time.monotonic() - started, 1e-9):.2f} Mpx/s", refresh=False)
             if job.complete:
                 pending_finish.append(job)
         while pending_finish:
