@@ -17,7 +17,8 @@ from click.testing import CliRunner
 from geoseg.config import config_from_dict
 from geoseg.errors import ConfigError
 from geoseg.models import check_models
-from geoseg.train import SceneSpec, instance_targets, load_scene, load_train_config, make_chips
+from geoseg.train_config import SceneSpec, load_train_config
+from geoseg.train_data import instance_targets, load_scene, make_chips
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -14,7 +14,8 @@ def run_train(config_path: str, steps: int | None, out: str | None, evaluate_onl
     import logging
 
     from geoseg.contract import resolve
-    from geoseg.train import load_train_config, summary_lines, train
+    from geoseg.train import summary_lines, train
+    from geoseg.train_config import load_train_config
 
     if not quiet:
         logging.getLogger("geoseg.train").setLevel(logging.INFO)
