@@ -17,6 +17,7 @@ import logging
 import os
 import time
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -36,6 +37,7 @@ from geoseg.scene import SceneJob
 log = logging.getLogger("geoseg")
 DRIVER_GDAL_CACHE_MB = 256
 LOCAL_OBJECT_STORE_BYTES = 2 * 1024**3
+MAX_SCENES_FINISHING = 2
 
 
 @dataclass
@@ -231,7 +233,10 @@ def _schedule(jobs: list[SceneJob], config: Config, report: RunReport, progress:
     bar = tqdm(total=total, unit="tile", disable=not progress, smoothing=0.1)
     started = time.monotonic()
     done_px = 0
-    pending_finish: deque[SceneJob] = deque()
+    # Finishing a scene (relabel pass, COG copies, seam merges) runs beside the loop, so the
+    # actors keep getting tiles; at most a few finished scenes wait, to bound driver memory.
+    finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="geoseg-finish")
+    finishing: deque[Future[None]] = deque()
     while True:
         while len(in_flight) + batch <= limit or not in_flight:
             group = list(itertools.islice(stream, batch))
@@ -255,14 +260,17 @@ def _schedule(jobs: list[SceneJob], config: Config, report: RunReport, progress:
             bar.update(1)
             bar.set_postfix_str(f"{done_px / 1e6 / max(time.monotonic() - started, 1e-9):.2f} Mpx/s", refresh=False)
             if job.complete:
-                pending_finish.append(job)
-        while pending_finish:
-            _finish(pending_finish.popleft(), report)
+                finishing.append(finisher.submit(_finish, job, report))
+        while len(finishing) > MAX_SCENES_FINISHING:
+            finishing.popleft().result()
     # Scenes that failed early never send all their tiles: finish them here.
     for job in jobs:
         if not job.complete:
             job.error = job.error or "stopped before all tiles were processed"
-            _finish(job, report)
+            finishing.append(finisher.submit(_finish, job, report))
+    for future in finishing:
+        future.result()
+    finisher.shutdown()
     bar.close()
     report.tiles = total
     report.megapixels = done_px / 1e6
@@ -277,12 +285,15 @@ def _get(ref: Any, tile: Tile) -> TileResult:
 
 
 def _finish(job: SceneJob, report: RunReport) -> None:
+    """Publish a complete scene, or drop a failed one (runs in the finisher thread)."""
     if job.error:
         job.abort()
         report.failures.append((job.info.path, job.error))
         return
     try:
-        report.summaries.append(job.finish())
+        with rasterio.Env(GDAL_CACHEMAX=DRIVER_GDAL_CACHE_MB):  # rasterio's Env is per thread
+            summary = job.finish()
+        report.summaries.append(summary)
         log.info("%s: done in %.1f s", job.info.path, time.monotonic() - job.started)
     except Exception as exc:
         job.abort()
