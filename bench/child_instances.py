@@ -116,10 +116,10 @@ def main() -> None:
     sink = ObjectSink(spec, LayerWriter(args.gpkg, "buildings", crs_wkt, INSTANCE_FIELDS), transform, crs_wkt, bounds, scale)
     export_s = [0.0]
 
-    def emit(cls: int, pixels: int, area: float, score: float, geom) -> int:  # type: ignore[no-untyped-def]
+    def emit(*batch):  # type: ignore[no-untyped-def]  # arrays: classes, pixels, areas, scores, geometries
         t = time.perf_counter()
         try:
-            return sink(cls, pixels, area, score, geom)
+            return sink(*batch)
         finally:
             export_s[0] += time.perf_counter() - t
 

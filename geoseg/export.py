@@ -24,7 +24,7 @@ from rasterio.windows import Window
 
 from geoseg.config import ModelConfig
 from geoseg.units import GroundScale, local_metric_crs
-from geoseg.vectorize import pixel_to_crs, to_multipolygon
+from geoseg.vectorize import pixel_to_crs, to_multipolygons
 
 SEMANTIC_NODATA = 255
 # Windows for passes over a whole raster: bounded memory whatever the raster size.
@@ -111,9 +111,14 @@ class LayerWriter:
         self.created = False
 
     def add(self, geom: shapely.Geometry, **values: Any) -> None:
-        self.geoms.append(shapely.to_wkb(to_multipolygon(geom)))
+        """Add one feature; ``values`` holds every field."""
+        self.add_many(np.array([geom], dtype=object), **{k: [v] for k, v in values.items()})
+
+    def add_many(self, geoms: np.ndarray, **columns: Any) -> None:
+        """Add features from an array of geometries and one sequence per field."""
+        self.geoms.extend(shapely.to_wkb(to_multipolygons(geoms)).tolist())
         for k in self.fields:
-            self.rows[k].append(values[k])
+            self.rows[k].extend(list(columns[k]))
         if len(self.geoms) >= self.FLUSH_ROWS:
             self.flush()
 
@@ -151,36 +156,51 @@ class ObjectSink:
         self.area = np.zeros(len(spec.classes), dtype=np.float64)
         self.next_id = 1
 
-    def __call__(self, cls: int, pixels: int, area_m2: float, score_sum: float, geom: shapely.Geometry) -> int:
-        if self.instance and area_m2 < self.spec.min_area_m2:
-            return 0
+    def __call__(self, cls: np.ndarray, pixels: np.ndarray, area_m2: np.ndarray, score_sum: np.ndarray,
+                 geoms: np.ndarray) -> np.ndarray:
+        """Take a batch of final objects (arrays, one entry each); returns their ids (0: dropped)."""
+        ids = np.zeros(len(geoms), dtype=np.int64)
+        keep = area_m2 >= self.spec.min_area_m2 if self.instance else np.ones(len(geoms), dtype=bool)
+        if not keep.any():
+            return ids
+        cls, pixels, area_m2, score_sum, geoms = cls[keep], pixels[keep], area_m2[keep], score_sum[keep], geoms[keep]
         if self.simplify_px > 0:
-            geom = shapely.simplify(geom, self.simplify_px, preserve_topology=True)
-        geom = pixel_to_crs(geom, self.transform)
-        self.count[cls] += 1
-        self.pixels[cls] += pixels
-        self.area[cls] += area_m2
+            geoms = shapely.simplify(geoms, self.simplify_px, preserve_topology=True)
+        geoms = pixel_to_crs(geoms, self.transform)
+        np.add.at(self.count, cls, 1)
+        np.add.at(self.pixels, cls, pixels)
+        np.add.at(self.area, cls, area_m2)
+        names = np.asarray(self.spec.classes, dtype=object)[cls]
         if not self.instance:
-            self.layer.add(geom, **{"class": self.spec.classes[cls], "area_m2": area_m2})
-            return 0
-        oid, self.next_id = self.next_id, self.next_id + 1
-        length, width, orientation = self._rectangle(geom)
-        self.layer.add(geom, instance_id=oid, score=score_sum / max(pixels, 1), area_m2=area_m2,
-                       length_m=length, width_m=width, orientation_deg=orientation, **{"class": self.spec.classes[cls]})
-        return oid
+            self.layer.add_many(geoms, **{"class": names, "area_m2": area_m2})
+            return ids
+        oids = np.arange(self.next_id, self.next_id + len(geoms))
+        self.next_id += len(geoms)
+        ids[keep] = oids
+        length, width, orientation = self._rectangles(geoms)
+        self.layer.add_many(geoms, instance_id=oids, score=score_sum / np.maximum(pixels, 1), area_m2=area_m2,
+                            length_m=length, width_m=width, orientation_deg=orientation, **{"class": names})
+        return ids
 
-    def _rectangle(self, geom: shapely.Geometry) -> tuple[float, float, float]:
-        """Length, width (m) and orientation (degrees clockwise from north, 0-180) of the long side."""
+    def _rectangles(self, geoms: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Length, width (m) and orientation (degrees clockwise from north, 0-180) of the long side
+        of each geometry's minimum rotated rectangle."""
         if self.to_metric is not None:
-            geom = shapely.transform(geom, lambda xy: np.column_stack(self.to_metric.transform(xy[:, 0], xy[:, 1])))
-        rect = shapely.oriented_envelope(geom)
-        xy = shapely.get_coordinates(rect)
-        if xy.shape[0] < 4:
-            return 0.0, 0.0, 0.0
-        e1, e2 = xy[1] - xy[0], xy[2] - xy[1]
-        long_edge, short_edge = (e1, e2) if np.hypot(*e1) >= np.hypot(*e2) else (e2, e1)
-        azimuth = math.degrees(math.atan2(long_edge[0], long_edge[1])) % 180.0
-        return float(np.hypot(*long_edge)), float(np.hypot(*short_edge)), azimuth
+            to_metric = self.to_metric
+            geoms = shapely.transform(geoms, lambda xy: np.column_stack(to_metric.transform(xy[:, 0], xy[:, 1])))
+        rects = shapely.oriented_envelope(geoms)
+        xy, index = shapely.get_coordinates(rects, return_index=True)
+        starts = np.searchsorted(index, np.arange(len(geoms)))
+        counts = np.bincount(index, minlength=len(geoms))
+        ok = counts >= 4  # a polygon ring; degenerate shapes give a line or a point
+        first = np.where(ok, starts, 0)
+        e1 = xy[np.minimum(first + 1, len(xy) - 1)] - xy[first]
+        e2 = xy[np.minimum(first + 2, len(xy) - 1)] - xy[np.minimum(first + 1, len(xy) - 1)]
+        n1, n2 = np.hypot(e1[:, 0], e1[:, 1]), np.hypot(e2[:, 0], e2[:, 1])
+        long_edge = np.where((n1 >= n2)[:, None], e1, e2)
+        azimuth = np.degrees(np.arctan2(long_edge[:, 0], long_edge[:, 1])) % 180.0
+        zero = np.zeros(len(geoms))
+        return np.where(ok, np.maximum(n1, n2), zero), np.where(ok, np.minimum(n1, n2), zero), np.where(ok, azimuth, zero)
 
 
 def write_counts_table(path: Path, rows: list[dict[str, Any]]) -> None:

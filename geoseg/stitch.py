@@ -25,8 +25,9 @@ import shapely
 from geoseg.postprocess import HeadTile
 from geoseg.vectorize import merge_parts
 
-# emit(class_index, pixels, area_m2, score_sum, polygon in pixel coordinates) -> final id (0: dropped)
-Emit = Callable[[int, int, float, float, shapely.Geometry], int]
+# emit(classes, pixels, areas_m2, score_sums, polygons in pixel coordinates) -> final ids (0: dropped),
+# one entry per object: objects are handed over in batches so the sink can work on arrays.
+Emit = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
 _NEIGHBOURS_4 = ((0, 1), (1, 0), (0, -1), (-1, 0))
 _NEIGHBOURS_8 = _NEIGHBOURS_4 + ((1, 1), (1, -1), (-1, 1), (-1, -1))
@@ -83,6 +84,18 @@ def _pairs(a: _Ring, b: _Ring, dr: int, dc: int, eight: bool) -> tuple[np.ndarra
     if dc == 1:
         return ia[-1:], ib[:1], oa[-1:], ob[:1]
     return ia[:1], ib[-1:], oa[:1], ob[-1:]
+
+
+def _merged(parts_per_object: list[list[bytes]]) -> np.ndarray:
+    """One geometry per object: single-part objects in one vectorised call, the rest unioned."""
+    single = [i for i, parts in enumerate(parts_per_object) if len(parts) == 1]
+    out = np.empty(len(parts_per_object), dtype=object)
+    if single:
+        out[single] = shapely.simplify(shapely.from_wkb([parts_per_object[i][0] for i in single]), 0.0)
+    for i, parts in enumerate(parts_per_object):
+        if len(parts) > 1:
+            out[i] = merge_parts(parts)
+    return out
 
 
 class HeadStitcher:
@@ -146,16 +159,22 @@ class HeadStitcher:
         arrived = [d for d in touching if (row + d[0], col + d[1]) in self.rings]
         waiting = [d for d in touching if d not in arrived]
         candidates: list[int] = []
+        interior: list[int] = []
         for label, label_parts in parts.items():
-            cls, pixels = int(head.label_class[label]), int(head.label_pixels[label])
-            area, score = float(head.label_area_m2[label]), float(head.label_score_sum[label])
             if any(label in labels for labels in touching.values()):
                 gid = base + label
                 self.parent[gid] = gid
-                self.groups[gid] = _Group(gid, sum(label in touching[d] for d in waiting), cls, pixels, area, score, label_parts)
+                self.groups[gid] = _Group(gid, sum(label in touching[d] for d in waiting), int(head.label_class[label]),
+                                          int(head.label_pixels[label]), float(head.label_area_m2[label]),
+                                          float(head.label_score_sum[label]), label_parts)
                 candidates.append(gid)
             else:
-                self.lut[base + label] = self.emit(cls, pixels, area, score, merge_parts(label_parts))
+                interior.append(label)
+        if interior:  # objects that touch no seam are final now
+            labels = np.asarray(interior)
+            geoms = _merged([parts[label] for label in interior])
+            self.lut[base + labels] = self.emit(head.label_class[labels], head.label_pixels[labels],
+                                                head.label_area_m2[labels], head.label_score_sum[labels], geoms)
         ring = _Ring(base, head, len(touching), touching)
         self.rings[(row, col)] = ring
         for dr, dc in arrived:
@@ -186,17 +205,24 @@ class HeadStitcher:
             self._union(x, y)
 
     def _emit_closed(self, ids: list[int]) -> None:
+        closed: list[_Group] = []
         for gid in ids:
             if gid not in self.parent:
-                continue  # already emitted through another member
+                continue  # already closed through another member
             root = self._find(gid)
             group = self.groups[root]
             if group.open == 0:
-                final = self.emit(group.cls, group.pixels, group.area, group.score, merge_parts(group.parts))
-                self.lut[group.members] = final
+                closed.append(group)
                 del self.groups[root]
                 for member in group.members:
                     del self.parent[member]
+        if not closed:
+            return
+        finals = self.emit(np.array([g.cls for g in closed]), np.array([g.pixels for g in closed]),
+                           np.array([g.area for g in closed]), np.array([g.score for g in closed]),
+                           _merged([g.parts for g in closed]))
+        for group, final in zip(closed, finals.tolist()):
+            self.lut[group.members] = final
 
     def finish(self) -> np.ndarray:
         """Check every object was emitted; returns the provisional -> final id lookup table."""

@@ -38,14 +38,18 @@ def merge_parts(parts: list[bytes]) -> shapely.Geometry:
     return shapely.simplify(merged, 0.0)
 
 
-def to_multipolygon(geom: shapely.Geometry) -> shapely.Geometry:
-    """GeoPackage layers are typed MultiPolygon, so every row is one."""
-    if geom.geom_type == "Polygon":
-        return shapely.multipolygons([geom])
-    if geom.geom_type == "MultiPolygon":
-        return geom
-    polys = [g for g in shapely.get_parts(geom) if g.geom_type == "Polygon"]
-    return shapely.multipolygons(polys)
+def to_multipolygons(geoms: np.ndarray) -> np.ndarray:
+    """GeoPackage layers are typed MultiPolygon, so every row is one (Polygon parts kept, others dropped)."""
+    geoms = np.asarray(geoms, dtype=object)
+    out = geoms.copy()
+    types = shapely.get_type_id(geoms)
+    polygons = np.flatnonzero(types == 3)
+    if polygons.size:
+        out[polygons] = shapely.multipolygons(geoms[polygons], indices=np.arange(polygons.size))
+    for i in np.flatnonzero((types != 3) & (types != 6)):  # rare: collections from unions
+        parts = [g for g in shapely.get_parts(geoms[i]) if g.geom_type == "Polygon"]
+        out[i] = shapely.multipolygons(parts)
+    return out
 
 
 def pixel_to_crs(geom: shapely.Geometry, transform: Affine) -> shapely.Geometry:

@@ -40,9 +40,10 @@ def _stitch(image: np.ndarray, valid: np.ndarray, tile: int, halo: int, row_majo
     grid = tile_grid_shape(size, size, tile)
     objects: list[tuple] = []
 
-    def emit(cls, pixels, area, score, geom):
-        objects.append((cls, pixels, area, geom))
-        return len(objects)
+    def emit(cls, pixels, area, score, geoms):  # a batch of final objects -> their ids
+        start = len(objects) + 1
+        objects.extend(zip(cls.tolist(), pixels.tolist(), area.tolist(), geoms))
+        return np.arange(start, len(objects) + 1)
 
     instance = config.models["h"].task == "instance"
     stitcher = HeadStitcher(grid, instance, emit)
