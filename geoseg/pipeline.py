@@ -14,6 +14,7 @@ import hashlib
 import itertools
 import json
 import logging
+import math
 import os
 import time
 from collections import deque
@@ -29,9 +30,9 @@ from tqdm import tqdm
 from geoseg.config import Config
 from geoseg.contract import check_scene
 from geoseg.errors import GeosegError, InputError, OutputError
-from geoseg.grid import Tile
+from geoseg.grid import Tile, tile_grid_shape
 from geoseg.postprocess import TileResult, postprocess_tile
-from geoseg.read import find_scenes, inspect_scene, read_tile
+from geoseg.read import SceneInfo, find_scenes, inspect_scene, read_tile
 from geoseg.scene import SceneJob
 
 log = logging.getLogger("geoseg")
@@ -162,11 +163,12 @@ def _done_before(path: str, out_dir: Path, stem: str, fingerprint: str) -> dict[
 
 
 def _open_scenes(inputs: list[str], config: Config, out_dir: Path, report: RunReport,
-                 resume: bool = False) -> list[SceneJob]:
+                 resume: bool = False) -> list[SceneInfo]:
+    """Check every input's header against the models; returns the scenes to process."""
     paths, errors = find_scenes(inputs)
     for err in errors:
         report.failures.append((err.path, str(err)))
-    jobs: list[SceneJob] = []
+    scenes: list[SceneInfo] = []
     stems: set[str] = set()
     fingerprint = config_fingerprint(config)
     for path in paths:
@@ -182,11 +184,11 @@ def _open_scenes(inputs: list[str], config: Config, out_dir: Path, report: RunRe
             if info.stem in stems:
                 raise InputError(path, f"another input already writes {out_dir / info.stem}; rename one of them")
             stems.add(info.stem)
-            jobs.append(SceneJob(len(jobs), info, config, out_dir, fingerprint))
+            scenes.append(info)
         except GeosegError as exc:
             log.info("%s", exc)
             report.failures.append((path, str(exc)))
-    return jobs
+    return scenes
 
 
 def run(inputs: list[str], out_dir: str | Path, config: Config, address: str | None = None,
@@ -204,32 +206,44 @@ def run(inputs: list[str], out_dir: str | Path, config: Config, address: str | N
     report = RunReport()
     # The driver writes masks window by window; a small GDAL block cache keeps its memory flat.
     with rasterio.Env(GDAL_CACHEMAX=DRIVER_GDAL_CACHE_MB):
-        jobs = _open_scenes(inputs, config, out_dir, report, resume)
-        if jobs:
-            _schedule(jobs, config, report, progress)
+        scenes = _open_scenes(inputs, config, out_dir, report, resume)
+        if scenes:
+            _schedule(scenes, config, out_dir, report, progress)
     report.seconds = time.monotonic() - started
     write_run_csv(out_dir / "summary.csv", report, config)
     return report
 
 
-def _tile_stream(jobs: list[SceneJob]) -> Iterator[tuple[SceneJob, Tile]]:
-    for job in jobs:
+def _tile_stream(scenes: list[SceneInfo], config: Config, out_dir: Path, report: RunReport,
+                 active: dict[int, SceneJob]) -> Iterator[tuple[SceneJob, Tile]]:
+    """Tiles of one scene after another. A scene's outputs are opened when its first tile is
+    sent (not all at start: a nightly run may hold thousands of scenes)."""
+    fingerprint = config_fingerprint(config)
+    for index, info in enumerate(scenes):
+        try:
+            job = SceneJob(index, info, config, out_dir, fingerprint)
+        except Exception as exc:  # e.g. the output folder filled up or vanished
+            report.failures.append((info.path, f"{info.path}: cannot prepare outputs ({exc})"))
+            continue
+        active[index] = job
         for tile in job.tiles:
             if job.error:  # a scene that failed stops sending tiles
                 break
+            job.sent += 1
             yield job, tile
 
 
-def _schedule(jobs: list[SceneJob], config: Config, report: RunReport, progress: bool) -> None:
+def _schedule(scenes: list[SceneInfo], config: Config, out_dir: Path, report: RunReport, progress: bool) -> None:
     actors = _start_actors(config)
     read = ray.remote(num_cpus=1)(_read_task)
     post = ray.remote(num_cpus=1)(_post_task)
     batch = config.runtime.batch_size
     limit = len(actors) * config.runtime.batches_in_flight_per_actor * batch
-    stream = _tile_stream(jobs)
+    active: dict[int, SceneJob] = {}  # scenes opened and not yet complete
+    stream = _tile_stream(scenes, config, out_dir, report, active)
     in_flight: dict[Any, tuple[SceneJob, Tile]] = {}
     actor_cycle = itertools.cycle(actors)
-    total = sum(j.n_tiles for j in jobs)
+    total = sum(math.prod(tile_grid_shape(s.width, s.height, config.tiling.tile_size)) for s in scenes)
     bar = tqdm(total=total, unit="tile", disable=not progress, smoothing=0.1)
     started = time.monotonic()
     done_px = 0
@@ -259,15 +273,16 @@ def _schedule(jobs: list[SceneJob], config: Config, report: RunReport, progress:
             done_px += int(result.tile.core.width * result.tile.core.height)
             bar.update(1)
             bar.set_postfix_str(f"{done_px / 1e6 / max(time.monotonic() - started, 1e-9):.2f} Mpx/s", refresh=False)
-            if job.complete:
+            # Complete, or failed with nothing left in flight (no more of its tiles will be sent).
+            if job.index in active and (job.complete or (job.error and job.done == job.sent)):
+                del active[job.index]
                 finishing.append(finisher.submit(_finish, job, report))
         while len(finishing) > MAX_SCENES_FINISHING:
             finishing.popleft().result()
     # Scenes that failed early never send all their tiles: finish them here.
-    for job in jobs:
-        if not job.complete:
-            job.error = job.error or "stopped before all tiles were processed"
-            finishing.append(finisher.submit(_finish, job, report))
+    for job in active.values():
+        job.error = job.error or "stopped before all tiles were processed"
+        finishing.append(finisher.submit(_finish, job, report))
     for future in finishing:
         future.result()
     finisher.shutdown()

@@ -38,7 +38,8 @@ class SceneJob:
         self.grid_shape = tile_grid_shape(info.width, info.height, ts)
         self.n_tiles = self.grid_shape[0] * self.grid_shape[1]
         self.tiles = plan_tiles(info.width, info.height, ts, halo, scene=index)
-        self.done = 0
+        self.done = 0  # tile results received
+        self.sent = 0  # tiles sent to the workers
         self.valid_pixels = 0
         self.error: str | None = None
         self.started = time.monotonic()
