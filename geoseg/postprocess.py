@@ -126,6 +126,20 @@ def _head(
     )
 
 
+def empty_head(height: int, width: int) -> HeadTile:
+    """A head result with no labels, for a tile whose pixels are all nodata (nothing to decode).
+
+    The stitcher still needs it: neighbours wait for every tile they touch before closing objects.
+    """
+    zeros = np.zeros(0, dtype=np.int64)
+    inner = {"top": np.zeros(width, np.int32), "bottom": np.zeros(width, np.int32),
+             "left": np.zeros(height, np.int32), "right": np.zeros(height, np.int32)}
+    outer = {k: np.zeros(v.shape[0] + 2, np.int32) for k, v in inner.items()}
+    return HeadTile(raster=np.zeros((height, width), np.int32), n_labels=0, label_class=np.zeros(1, np.int32),
+                    label_pixels=zeros, label_area_m2=np.zeros(1), label_score_sum=np.zeros(1), inner=inner,
+                    outer=outer, seam_labels=zeros, frag_labels=zeros, frag_wkb=[])
+
+
 def postprocess_tile(pred: dict[str, Any], config: Config, row_area: np.ndarray, grid_shape: tuple[int, int]) -> TileResult:
     """Turn the actor's output for one tile into a TileResult; ``row_area`` covers the core rows."""
     tile: Tile = pred["tile"]

@@ -23,7 +23,7 @@ from geoseg.export import (
     write_json,
 )
 from geoseg.grid import Tile, plan_tiles, tile_grid_shape
-from geoseg.postprocess import TileResult
+from geoseg.postprocess import TileResult, empty_head
 from geoseg.read import SceneInfo
 from geoseg.stitch import HeadStitcher
 from geoseg.units import ground_scale
@@ -76,8 +76,10 @@ class SceneJob:
             return
         if self.error:
             return
-        if result.status == "empty":
-            for mask in self.masks.values():
+        if result.status == "empty":  # all nodata: no model ran; neighbours still learn it arrived
+            h, w = int(tile.core.height), int(tile.core.width)
+            for name, mask in self.masks.items():
+                self.stitchers[name].add(tile.row, tile.col, empty_head(h, w))
                 mask.fill(tile.core)
             return
         self.valid_pixels += result.valid_pixels

@@ -98,3 +98,32 @@ def test_resume_skips_scenes_done_with_the_same_config(outputs, oracle_config_pa
     other = load_config(oracle_config_path, {"tiling": {"tile_size": 512, "halo": 16}})
     report = run([str(scene.parent)], out, other, progress=False, resume=True)
     assert report.ok and report.skipped == 0 and summary_path.stat().st_mtime_ns > before
+
+
+def test_an_all_nodata_tile_inside_the_scene(ray_session, tmp_path, oracle_config_path):
+    """A tile skipped for being all nodata still closes its neighbours' seams: same result as one tile."""
+    import geopandas as gpd
+    import shapely
+    from rasterio.windows import Window
+
+    scene = tmp_path / "in" / "hole.tif"
+    scene.parent.mkdir()
+    write_scene(scene, size=512, seed=4, nodata_corner=False)
+    with rasterio.open(scene, "r+") as ds:  # tile (2, 2) of a 64-pixel tiling: all nodata
+        ds.write(np.zeros((3, 64, 64), np.uint8), window=Window(128, 128, 64, 64))
+    results = {}
+    # Halo 0: the skipped tile's read window (core + halo) is all nodata, so no model runs on it.
+    # 512: the whole scene in one tile, no seams at all.
+    for tile in (64, 512):
+        config = load_config(oracle_config_path, {"tiling": {"tile_size": tile, "halo": 0}})
+        report = run([str(scene)], tmp_path / f"out{tile}", config, progress=False)
+        assert report.ok, report.failures
+        out = tmp_path / f"out{tile}" / "hole"
+        with rasterio.open(out / "hole_landuse.tif") as ds:
+            mask = ds.read(1)
+        layers = {name: sorted(shapely.to_wkb(shapely.normalize(g)) for g in gpd.read_file(out / "hole.gpkg", layer=name).geometry)
+                  for name in ("landuse", "buildings", "ships")}
+        results[tile] = (mask, layers, json.loads((out / "summary.json").read_text())["models"])
+    assert (results[64][0][128:192, 128:192] == 255).all()
+    assert (results[64][0] == results[512][0]).all()
+    assert results[64][1] == results[512][1] and results[64][2] == results[512][2]
