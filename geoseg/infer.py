@@ -155,13 +155,20 @@ class Predictor:
             xi = mask_invalid(_normalize(x[:, positions], spec), valid)
             if self.device.type == "cuda":
                 xi = xi.contiguous(memory_format=torch.channels_last)
+            tta = spec.tta or self.config.runtime.tta
             with self._autocast():
-                probs = predict_probs(model, xi, spec, spec.tta or self.config.runtime.tta)
+                if spec.task == "semantic" and tta == "none":
+                    probs = model(xi)  # argmax of logits = argmax of softmax: skip the softmax
+                else:
+                    probs = predict_probs(model, xi, spec, tta)
             if spec.task == "semantic":
-                classes = probs.argmax(dim=1).to(torch.uint8).cpu().numpy()
+                # Crop to the largest core on the device: less to copy back.
+                side = self.config.tiling.tile_size
+                core = probs[:, :, self.halo : self.halo + side, self.halo : self.halo + side]
+                classes = core.argmax(dim=1).to(torch.uint8).cpu().numpy()
                 for k, p in enumerate(payloads):
                     h, w = int(p["tile"].core.height), int(p["tile"].core.width)
-                    results[k][name] = classes[k, self.halo : self.halo + h, self.halo : self.halo + w]
+                    results[k][name] = classes[k, :h, :w]
             else:
                 scaled = (probs * 255).round().to(torch.uint8).cpu().numpy()
                 for k, p in enumerate(payloads):
