@@ -23,10 +23,10 @@ from pyproj import CRS, Transformer
 from rasterio.windows import Window
 
 from geoseg.config import ModelConfig
+from geoseg.postprocess import SEMANTIC_NODATA
 from geoseg.units import GroundScale, local_metric_crs
 from geoseg.vectorize import pixel_to_crs, to_multipolygons
 
-SEMANTIC_NODATA = 255
 # Windows for passes over a whole raster: bounded memory whatever the raster size.
 PASS_WINDOW = 2048
 _GTIFF = dict(driver="GTiff", tiled=True, blockxsize=512, blockysize=512, compress="deflate", BIGTIFF="IF_SAFER")
