@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator
 
+import numpy as np
 from rasterio.windows import Window
 
 
@@ -69,3 +70,22 @@ def padded_size(tile_size: int, halo: int, multiple: int = 32) -> int:
     """
     side = tile_size + 2 * halo
     return -(-side // multiple) * multiple
+
+
+def read_offset(tile: Tile, halo: int) -> tuple[int, int]:
+    """(row, col) where the read window starts in the padded square whose core starts at ``(halo, halo)``."""
+    return halo - int(tile.core.row_off - tile.read.row_off), halo - int(tile.core.col_off - tile.read.col_off)
+
+
+def pad_to_square(arr: np.ndarray, tile: Tile, halo: int, side: int, mode: str = "reflect") -> np.ndarray:
+    """Place a read array (``... x h x w``) in a ``side`` square with the core at ``(halo, halo)``.
+
+    ``reflect`` fills the context missing beyond the raster edge (predictor and training alike);
+    ``constant`` fills it with zeros (validity masks).
+    """
+    r0, c0 = read_offset(tile, halo)
+    h, w = arr.shape[-2:]
+    pads = [(0, 0)] * (arr.ndim - 2) + [(r0, side - r0 - h), (c0, side - c0 - w)]
+    if mode == "reflect" and min(h, w) <= 1:
+        mode = "edge"
+    return np.pad(arr, pads, mode=mode)  # type: ignore[call-overload]

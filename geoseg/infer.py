@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from geoseg.config import ClipNormalize, Config, DbNormalize, MeanStdNormalize, ModelConfig, ScaleNormalize
-from geoseg.grid import Tile, padded_size
+from geoseg.grid import Tile, pad_to_square, padded_size, read_offset
 from geoseg.models import build_model
 
 # torch has no arithmetic on these; widen on the host (still smaller than float32 for uint16).
@@ -29,16 +29,6 @@ def pick_device(requested: str) -> torch.device:
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
         return torch.device("cuda")
     return torch.device("cpu")
-
-
-def pad_to_square(image: np.ndarray, tile: Tile, halo: int, side: int) -> np.ndarray:
-    """Place the read array so the core starts at ``(halo, halo)``; reflect into the missing context."""
-    r0 = halo - int(tile.core.row_off - tile.read.row_off)
-    c0 = halo - int(tile.core.col_off - tile.read.col_off)
-    h, w = image.shape[-2:]
-    pads = ((0, 0), (r0, side - r0 - h), (c0, side - c0 - w))
-    mode = "reflect" if min(h, w) > 1 else "edge"
-    return np.pad(image, pads, mode=mode)
 
 
 def _per_band(values: list[float], x: torch.Tensor) -> torch.Tensor:
@@ -176,6 +166,5 @@ class Predictor:
         return results
 
     def _crop_read(self, arr: np.ndarray, tile: Tile) -> np.ndarray:
-        r0 = self.halo - int(tile.core.row_off - tile.read.row_off)
-        c0 = self.halo - int(tile.core.col_off - tile.read.col_off)
+        r0, c0 = read_offset(tile, self.halo)
         return arr[:, r0 : r0 + int(tile.read.height), c0 : c0 + int(tile.read.width)]

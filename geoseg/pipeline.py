@@ -211,7 +211,7 @@ def run(inputs: list[str], out_dir: str | Path, config: Config, address: str | N
         if scenes:
             _schedule(scenes, config, out_dir, report, progress)
     report.seconds = time.monotonic() - started
-    write_run_csv(out_dir / "summary.csv", report, config)
+    write_run_csv(out_dir / "summary.csv", report)
     return report
 
 
@@ -318,7 +318,7 @@ def _finish(job: SceneJob, report: RunReport) -> None:
         report.failures.append((job.info.path, msg))
 
 
-def write_run_csv(path: Path, report: RunReport, config: Config) -> None:
+def write_run_csv(path: Path, report: RunReport) -> None:
     """``out/summary.csv``: a row per input x model x class, and a row per failed input."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", newline="") as fh:

@@ -180,7 +180,8 @@ def predict_region(model: torch.nn.Module, spec: ModelConfig, image: np.ndarray,
                    tta: str = "none", valid: np.ndarray | None = None) -> np.ndarray:
     """Sliding-window probabilities (K x H x W float32) over an in-memory image, tiled and padded
     exactly as ``geoseg run`` tiles and pads a raster."""
-    from geoseg.infer import _WIDEN, _normalize, mask_invalid, pad_to_square, predict_probs
+    from geoseg.grid import pad_to_square
+    from geoseg.infer import _WIDEN, _normalize, mask_invalid, predict_probs
 
     _, h, w = image.shape
     side = padded_size(tile_size, halo)

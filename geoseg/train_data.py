@@ -19,7 +19,7 @@ from scipy import ndimage
 from geoseg.contract import resolve
 from geoseg.errors import ConfigError, InputError
 from geoseg.evaluate import IGNORE
-from geoseg.grid import Tile, padded_size, plan_tiles
+from geoseg.grid import pad_to_square, padded_size, plan_tiles
 
 from geoseg.train_config import AutoNormalize, SceneSpec, TrainConfig
 
@@ -236,16 +236,6 @@ def holdout_rows(s: Scene) -> slice:
     return slice(0, h)
 
 
-def _pad(arr: np.ndarray, tile: Tile, halo: int, side: int, mode: str) -> np.ndarray:
-    r0 = halo - int(tile.core.row_off - tile.read.row_off)
-    c0 = halo - int(tile.core.col_off - tile.read.col_off)
-    h, w = arr.shape[-2:]
-    pads = [(0, 0)] * (arr.ndim - 2) + [(r0, side - r0 - h), (c0, side - c0 - w)]
-    if mode == "reflect" and min(h, w) <= 1:
-        mode = "edge"
-    return np.pad(arr, pads, mode=mode)  # type: ignore[call-overload]
-
-
 def make_chips(cfg: TrainConfig, scenes: list[Scene]) -> dict[str, np.ndarray]:
     """Training chips: plan_tiles over each scene's training rows, padded as the predictor pads.
 
@@ -271,10 +261,10 @@ def make_chips(cfg: TrainConfig, scenes: list[Scene]) -> dict[str, np.ndarray]:
                 v = v & (target[win] != IGNORE)
             if not v.any():
                 continue
-            xs.append(_pad(image[(slice(None), *win)], tile, cfg.chip_halo, side, "reflect"))
-            ys.append(_pad(target[(Ellipsis, *win)], tile, cfg.chip_halo, side, "reflect"))
-            vs.append(_pad(v, tile, cfg.chip_halo, side, "constant"))
-            ivs.append(_pad(iv, tile, cfg.chip_halo, side, "reflect"))  # as the predictor pads the image
+            xs.append(pad_to_square(image[(slice(None), *win)], tile, cfg.chip_halo, side))
+            ys.append(pad_to_square(target[(Ellipsis, *win)], tile, cfg.chip_halo, side))
+            vs.append(pad_to_square(v, tile, cfg.chip_halo, side, "constant"))
+            ivs.append(pad_to_square(iv, tile, cfg.chip_halo, side))  # as the predictor pads the image
     if not xs:
         raise InputError(cfg.name, "no training chip holds a labelled pixel")
     x = np.stack(xs)
