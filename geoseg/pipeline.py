@@ -53,6 +53,13 @@ class RunReport:
     skipped: int = 0  # inputs already done (resume)
     megapixels: float = 0.0
     seconds: float = 0.0
+    started_unix: float = 0.0  # time.time() when run() began
+    # (time.time(), core pixels) each time tile results reached their scene: progress and steady-state rate
+    progress: list[tuple[float, int]] = field(default_factory=list)
+
+    @property
+    def first_tile_unix(self) -> float | None:
+        return self.progress[0][0] if self.progress else None
 
     @property
     def ok(self) -> bool:
@@ -200,11 +207,11 @@ def run(inputs: list[str], out_dir: str | Path, config: Config, address: str | N
     config (and that are older than it) are skipped, so a rerun after a failure redoes the rest.
     """
     started = time.monotonic()
+    report = RunReport(started_unix=time.time())
     out_dir = Path(out_dir)
     _check_out_dir(out_dir)
     ensure_ray(address)
     check_models_on_cluster(config)
-    report = RunReport()
     # The driver writes masks window by window; a small GDAL block cache keeps its memory flat.
     with rasterio.Env(GDAL_CACHEMAX=DRIVER_GDAL_CACHE_MB):
         scenes = _open_scenes(inputs, config, out_dir, report, resume)
@@ -272,6 +279,7 @@ def _schedule(scenes: list[SceneInfo], config: Config, out_dir: Path, report: Ru
                 log.info("%s", result.error)
             job.add(result)
             done_px += int(result.tile.core.width * result.tile.core.height)
+            report.progress.append((time.time(), int(result.tile.core.width * result.tile.core.height)))
             bar.update(1)
             bar.set_postfix_str(f"{done_px / 1e6 / max(time.monotonic() - started, 1e-9):.2f} Mpx/s", refresh=False)
             # Complete, or failed with nothing left in flight (no more of its tiles will be sent).
