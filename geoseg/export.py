@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,10 @@ from geoseg.vectorize import pixel_to_crs, to_multipolygons
 
 # Windows for passes over a whole raster: bounded memory whatever the raster size.
 PASS_WINDOW = 2048
-_GTIFF = dict(driver="GTiff", tiled=True, blockxsize=512, blockysize=512, compress="deflate", BIGTIFF="IF_SAFER")
+# Intermediate rasters (written window by window, read once for the COG): ZSTD level 1 wrote a
+# class mask 35x faster than deflate here; the published COG is deflate, which every reader opens.
+_GTIFF = dict(driver="GTiff", tiled=True, blockxsize=512, blockysize=512, compress="zstd", zstd_level=1,
+              BIGTIFF="IF_SAFER")
 _PALETTE = ["#1f78b4", "#33a02c", "#ffff99", "#e31a1c", "#b15928", "#a6cee3", "#b2df8a", "#fb9a99", "#fdbf6f", "#cab2d6"]
 
 
@@ -216,15 +218,3 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2))
     os.replace(tmp, path)
-
-
-def publish_dir(tmp_dir: Path, final_dir: Path) -> None:
-    """Move a completed scene folder into place, replacing an earlier run's."""
-    if final_dir.exists():
-        old = final_dir.with_name(f".{final_dir.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final_dir, old)
-        os.replace(tmp_dir, final_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp_dir, final_dir)

@@ -4,7 +4,8 @@
 ``geoseg.pipeline`` wraps it in an actor, one per GPU; each actor builds its models once. The device
 comes from ``torch.cuda.is_available()``, never from Ray's GPU ids. Raw pixels arrive in the
 raster's own dtype and are normalised on the device. On CUDA the models run channels_last under
-bf16 (fp16 where bf16 is missing) autocast; on the CPU in float32. Optional flip test-time
+bf16 (fp16 where bf16 is missing) autocast; on the CPU in float32, channels_last as well. Each
+model is checked on a zero batch when it is built, so a wrong config fails at start-up. Optional flip test-time
 augmentation averages probabilities over four flips (``runtime.tta`` or a head's ``tta``).
 """
 
@@ -18,7 +19,7 @@ import torch
 
 from geoseg.config import ClipNormalize, Config, DbNormalize, MeanStdNormalize, ModelConfig, ScaleNormalize
 from geoseg.grid import Tile, pad_to_square, padded_size, read_offset
-from geoseg.models import build_model
+from geoseg.models import build_model, check_model
 
 # torch has no arithmetic on these; widen on the host (still smaller than float32 for uint16).
 _WIDEN = {np.dtype("uint16"): np.int32, np.dtype("uint32"): np.int64, np.dtype("int8"): np.int16}
@@ -105,9 +106,10 @@ class Predictor:
         positions = {b: i for i, b in enumerate(config.bands_needed)}
         self.heads: dict[str, tuple[ModelConfig, torch.nn.Module, list[int]]] = {}
         for name, spec in config.models.items():
-            model = build_model(name, spec, config.base_dir).to(self.device)
-            if self.device.type == "cuda":
-                model = model.to(memory_format=torch.channels_last)
+            model = build_model(name, spec, config.base_dir)
+            check_model(name, spec, model)  # fails at start-up, naming the model, before any tile is read
+            # channels_last on the CPU too: oneDNN convolutions ran 1.5x faster with it here.
+            model = model.to(self.device).to(memory_format=torch.channels_last)
             self.heads[name] = (spec, model, [positions[b] for b in spec.bands])
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -142,9 +144,7 @@ class Predictor:
         valid = _padded_valid(payloads, self.halo, self.side, x.device)
         results: list[dict[str, np.ndarray]] = [{} for _ in payloads]
         for name, (spec, model, positions) in self.heads.items():
-            xi = mask_invalid(_normalize(x[:, positions], spec), valid)
-            if self.device.type == "cuda":
-                xi = xi.contiguous(memory_format=torch.channels_last)
+            xi = mask_invalid(_normalize(x[:, positions], spec), valid).contiguous(memory_format=torch.channels_last)
             tta = spec.tta or self.config.runtime.tta
             with self._autocast():
                 if spec.task == "semantic" and tta == "none":

@@ -1,46 +1,54 @@
-"""The driver: plan tiles -> read (Ray tasks) -> infer (Ray actors) -> post-process (Ray tasks)
--> stitch and write (here, one writer per scene).
+"""The driver: plans tiles and schedules the work; no pixel, polygon or output file passes through it.
 
-Why Ray core rather than Ray Data: scenes in one run differ in band count and dtype, and a bad
-file must fail only its own scene. With tasks and actors each tile carries its own arrays and its
-own error, the number of tiles in flight is an explicit bound (so driver memory does not grow with
-raster size), and every head runs on one tile read in one actor call.
+For each batch of tiles of one scene: a read task -> a model actor call -> a post-processing task
+-> the scene's writer (``geoseg.writer``, an actor placed anywhere in the cluster). The driver
+hands each stage the previous stage's object ref, so arrays go from worker to worker; what it
+receives back is one small acknowledgement per tile and one summary per scene. It bounds the tiles
+in flight (so memory does not grow with the raster), keeps every model actor fed, and turns any
+failure into that scene's one-line error while the other scenes go on.
+
+Why Ray core rather than Ray Data: scenes in one run differ in band count and dtype, a bad file
+must fail only its own scene, and every head runs on one tile read in one actor call.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import itertools
-import json
 import logging
-import math
 import os
+import re
 import time
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 import rasterio
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm import tqdm
 
 from geoseg.config import Config
 from geoseg.contract import check_scene
-from geoseg.errors import GeosegError, InputError, OutputError
-from geoseg.grid import Tile, tile_grid_shape
-from geoseg.postprocess import TileResult, postprocess_tile
-from geoseg.read import SceneInfo, find_scenes, inspect_scene, read_tile
-from geoseg.scene import SceneJob
+from geoseg.errors import GeosegError, InputError
+from geoseg.grid import Tile, plan_tiles, tile_grid_shape
+from geoseg.read import SceneInfo, find_scenes, inspect_scene
+from geoseg.storage import OutputStore, storage_env
+from geoseg.units import ground_scale
+from geoseg.workers import PredictorWorker, postprocess_batch, read_batch
+from geoseg.writer import SceneWriter, TileAck
 
 log = logging.getLogger("geoseg")
-DRIVER_GDAL_CACHE_MB = 256
-# The driver maps object-store pages as it reads tile results, so its resident memory is bounded by
-# libraries (~300 MiB) + its own state (~135 MiB) + this store: 1 GiB keeps it under 1.5 GB.
+DRIVER_GDAL_CACHE_MB = 64  # the driver only opens headers
+# A local Ray caps its object store: tile batches in flight need little, and the store's pages
+# count in every process that maps them.
 LOCAL_OBJECT_STORE_BYTES = 1024**3
-MAX_SCENES_FINISHING = 2
+# Batches a scene may have between the model actor and its writer (post-processing, writing),
+# beyond those queued at the actors: enough for the CPU stages to overlap the model.
+EXTRA_BATCHES_IN_FLIGHT = 2
+WRITER_THREADS = 4  # concurrent calls per writer: scenes on one writer are assembled side by side
 
 
 @dataclass
@@ -54,68 +62,18 @@ class RunReport:
     megapixels: float = 0.0
     seconds: float = 0.0
     started_unix: float = 0.0  # time.time() when run() began
-    # (time.time(), core pixels) each time tile results reached their scene: progress and steady-state rate
+    # (time.time(), core pixels) each time tile results reached their scene's writer
     progress: list[tuple[float, int]] = field(default_factory=list)
-
-    @property
-    def first_tile_unix(self) -> float | None:
-        return self.progress[0][0] if self.progress else None
+    writer_nodes: dict[str, str] = field(default_factory=dict)  # input -> Ray node id that assembled it
+    device: str = ""  # where the models ran
 
     @property
     def ok(self) -> bool:
         return not self.failures
 
-
-def _read_task(path: str, tile: Tile, bands: list[int]) -> dict[str, Any]:
-    try:
-        data = read_tile(path, tile, bands)
-    except InputError as exc:
-        return {"tile": tile, "status": "error", "error": str(exc)}
-    except Exception as exc:  # GDAL can fail in many ways on a damaged file; keep it to this scene
-        return {"tile": tile, "status": "error", "error": f"{path}: read failed ({exc})"}
-    if not data["valid"].any():
-        return {"tile": tile, "status": "empty"}
-    return {"tile": tile, "status": "ok", **data}
-
-
-def _post_task(pred: dict[str, Any], config: Config, row_area: Any, grid_shape: tuple[int, int]) -> TileResult:
-    try:
-        return postprocess_tile(pred, config, row_area, grid_shape)
-    except Exception as exc:
-        return TileResult(tile=pred["tile"], status="error", error=f"post-processing failed: {exc}")
-
-
-class _PredictorActor:
-    """Ray actor around ``Predictor``: one return value per tile, so each tile moves on alone."""
-
-    def __init__(self, config: Config, num_threads: int) -> None:
-        from geoseg.infer import Predictor  # torch lives in the actors, not in the driver
-
-        self.predictor = Predictor(config, num_threads=num_threads)
-
-    def predict(self, *payloads: dict[str, Any]) -> Any:
-        out = self.predictor(list(payloads))
-        return out[0] if len(out) == 1 else tuple(out)
-
-
-def _check_models_task(config: Config) -> None:
-    from geoseg.models import check_models
-
-    check_models(config)
-
-
-def check_models_on_cluster(config: Config) -> None:
-    """Build and test every model once in a Ray worker, before any tile is read.
-
-    Done in a worker so that the driver never imports torch (about 700 MB for a CUDA build): the
-    driver's memory stays small and flat whatever the raster size.
-    """
-    try:
-        ray.get(ray.remote(num_cpus=1)(_check_models_task).remote(config))
-    except ray.exceptions.RayTaskError as exc:
-        if isinstance(exc.cause, GeosegError):
-            raise exc.cause from None
-        raise
+    @property
+    def first_tile_unix(self) -> float | None:
+        return self.progress[0][0] if self.progress else None
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None) -> None:
@@ -130,27 +88,70 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, num_gpus
                  logging_level=logging.WARNING, object_store_memory=LOCAL_OBJECT_STORE_BYTES)
 
 
+class _PredictorActor(PredictorWorker):
+    pass
+
+
+class _WriterActor(SceneWriter):
+    def __init__(self, config: Config, store: OutputStore, env: dict[str, str]) -> None:
+        super().__init__(config, store, env, node=ray.get_runtime_context().get_node_id())
+
+
+def _cpu_nodes() -> list[tuple[str, float]]:
+    """(node id, CPUs) of the alive nodes that have CPUs, largest first."""
+    nodes = [(n["NodeID"], float(n["Resources"].get("CPU", 0))) for n in ray.nodes() if n.get("Alive")]
+    return sorted([n for n in nodes if n[1] >= 1], key=lambda n: -n[1])
+
+
 def _start_actors(config: Config) -> list[Any]:
-    resources = ray.cluster_resources()
-    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
-    if gpus:
-        n, options = config.runtime.num_actors or gpus, {"num_gpus": 1, "num_cpus": 1}
-    else:
-        # One CPU actor that uses all cores but one: the remaining core reads and post-processes.
-        n, options = config.runtime.num_actors or 1, {"num_cpus": max(1, cpus - 1) if cpus > 1 else 0.5}
-    threads = max(1, int(options["num_cpus"]))
-    actor_cls = ray.remote(_PredictorActor)
-    return [actor_cls.options(**options).remote(config, threads) for _ in range(n)]
+    """One model actor per GPU; without GPUs, one per node, sized by that node's CPUs.
+
+    A CPU actor reserves all of its node's cores but one (half a core on a one-core node) so that
+    reading and post-processing go on beside it, and runs torch on every core of its node: the
+    model gets the cores while the CPU stages overlap it. Sizing by one node (never by the
+    cluster's total) keeps an actor schedulable on a cluster of small nodes.
+    """
+    # A model actor that dies (a worker killed, out of memory) is restarted and its calls retried.
+    actor_cls = ray.remote(max_restarts=2, max_task_retries=2)(_PredictorActor)
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if gpus and config.runtime.device != "cpu":
+        return [actor_cls.options(num_gpus=1, num_cpus=1).remote(config, 1)
+                for _ in range(config.runtime.num_actors or gpus)]
+    nodes = _cpu_nodes()
+    if not nodes:
+        raise GeosegError("the Ray cluster has no node with a CPU to run the models on")
+    count = config.runtime.num_actors or len(nodes)
+    actors = []
+    for node_id, cpus in itertools.islice(itertools.cycle(nodes), count):
+        reserve = cpus - 1 if cpus >= 2 else 0.5
+        actors.append(actor_cls.options(
+            num_cpus=reserve, scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+        ).remote(config, max(1, int(cpus))))
+    return actors
 
 
-def _check_out_dir(out_dir: Path) -> None:
+def _start_writers(config: Config, store: OutputStore, env: dict[str, str]) -> list[Any]:
+    """Scene writers, one per node (at least two), so scenes are assembled all over the cluster.
+
+    They reserve no CPU: their work is mostly compressed window writes, in GDAL threads. Placement
+    is by node affinity, soft (Ray's SPREAD put every zero-CPU writer on one node here).
+    """
+    nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
+    cls = ray.remote(_WriterActor)
+    return [cls.options(num_cpus=0, max_concurrency=WRITER_THREADS,
+                        scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True)).remote(config, store, env)
+            for node in itertools.islice(itertools.cycle(nodes), max(2, len(nodes)))]
+
+
+def _wait_ready(actors: list[Any]) -> str:
+    """Wait until every model actor has built and checked its models; raise the first model error."""
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".geoseg-write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise OutputError(str(out_dir), f"output folder is not writable ({exc.strerror})") from None
+        devices = ray.get([a.ready.remote() for a in actors])
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, GeosegError):
+            raise exc.cause from None
+        raise
+    return ",".join(sorted(set(devices)))
 
 
 def config_fingerprint(config: Config) -> str:
@@ -158,19 +159,24 @@ def config_fingerprint(config: Config) -> str:
     return hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:16]
 
 
-def _done_before(path: str, out_dir: Path, stem: str, fingerprint: str) -> dict[str, Any] | None:
+def _done_before(path: str, store: OutputStore, stem: str, fingerprint: str) -> dict[str, Any] | None:
     """The summary of an earlier successful run of this input with this config, if still current."""
-    summary_path = out_dir / stem / "summary.json"
-    try:
-        summary = json.loads(summary_path.read_text())
-        newer = os.path.exists(path) and os.path.getmtime(path) > summary_path.stat().st_mtime
-    except (OSError, ValueError):
+    import json
+
+    text = store.read_text(f"{stem}/summary.json")
+    if text is None:
         return None
+    try:
+        summary = json.loads(text)
+    except ValueError:
+        return None
+    published = summary.get("published_unix", 0)
+    newer = os.path.exists(path) and published and os.path.getmtime(path) > published
     same = summary.get("input") == path and summary.get("config") == fingerprint and summary.get("status") == "ok"
     return summary if same and not newer else None
 
 
-def _open_scenes(inputs: list[str], config: Config, out_dir: Path, report: RunReport,
+def _open_scenes(inputs: list[str], config: Config, store: OutputStore, report: RunReport,
                  resume: bool = False) -> list[SceneInfo]:
     """Check every input's header against the models; returns the scenes to process."""
     paths, errors = find_scenes(inputs)
@@ -180,7 +186,7 @@ def _open_scenes(inputs: list[str], config: Config, out_dir: Path, report: RunRe
     stems: set[str] = set()
     fingerprint = config_fingerprint(config)
     for path in paths:
-        if resume and (done := _done_before(path, out_dir, Path(path).stem, fingerprint)):
+        if resume and (done := _done_before(path, store, Path(path).stem, fingerprint)):
             log.info("%s: already done with this config, skipped (resume)", path)
             report.summaries.append(done)
             report.skipped += 1
@@ -190,7 +196,7 @@ def _open_scenes(inputs: list[str], config: Config, out_dir: Path, report: RunRe
             info = inspect_scene(path)
             check_scene(info, config)  # each head's input contract: band count, dtype, resolution
             if info.stem in stems:
-                raise InputError(path, f"another input already writes {out_dir / info.stem}; rename one of them")
+                raise InputError(path, f"another input already writes {store.uri(info.stem)}; rename one of them")
             stems.add(info.stem)
             scenes.append(info)
         except GeosegError as exc:
@@ -201,141 +207,216 @@ def _open_scenes(inputs: list[str], config: Config, out_dir: Path, report: RunRe
 
 def run(inputs: list[str], out_dir: str | Path, config: Config, address: str | None = None,
         progress: bool = True, resume: bool = False) -> RunReport:
-    """Process every input; a failing input is reported and the others go on.
+    """Process every input into ``out_dir`` (a folder, or ``s3://bucket/prefix``); a failing input
+    is reported and the others go on.
 
-    With ``resume``, inputs whose ``out/<stem>/summary.json`` says they were done with the same
+    With ``resume``, inputs whose published ``summary.json`` says they were done with the same
     config (and that are older than it) are skipped, so a rerun after a failure redoes the rest.
     """
     started = time.monotonic()
     report = RunReport(started_unix=time.time())
-    out_dir = Path(out_dir)
-    _check_out_dir(out_dir)
+    store = OutputStore(out_dir)
+    store.check_writable()
     ensure_ray(address)
-    check_models_on_cluster(config)
-    # The driver writes masks window by window; a small GDAL block cache keeps its memory flat.
-    with rasterio.Env(GDAL_CACHEMAX=DRIVER_GDAL_CACHE_MB):
-        scenes = _open_scenes(inputs, config, out_dir, report, resume)
+    env = storage_env()
+    actors = _start_actors(config)  # the models build while the driver reads the inputs' headers
+    try:
+        with rasterio.Env(GDAL_CACHEMAX=DRIVER_GDAL_CACHE_MB):
+            scenes = _open_scenes(inputs, config, store, report, resume)
+        report.device = _wait_ready(actors)
         if scenes:
-            _schedule(scenes, config, out_dir, report, progress)
+            _Scheduler(scenes, config, store, env, actors, report, progress).run()
+    finally:
+        for actor in actors:
+            ray.kill(actor)
     report.seconds = time.monotonic() - started
-    write_run_csv(out_dir / "summary.csv", report)
+    store.write_text("summary.csv", run_csv(report))
     return report
 
 
-def _tile_stream(scenes: list[SceneInfo], config: Config, out_dir: Path, report: RunReport,
-                 active: dict[int, SceneJob]) -> Iterator[tuple[SceneJob, Tile]]:
-    """Tiles of one scene after another. A scene's outputs are opened when its first tile is
-    sent (not all at start: a nightly run may hold thousands of scenes)."""
-    fingerprint = config_fingerprint(config)
-    for index, info in enumerate(scenes):
+class _Scene:
+    """The driver's view of one scene: its tiles still to send, counters, its writer and error."""
+
+    def __init__(self, index: int, info: SceneInfo, config: Config) -> None:
+        self.index, self.info = index, info
+        ts = config.tiling.tile_size
+        self.grid_shape = tile_grid_shape(info.width, info.height, ts)
+        self.n_tiles = self.grid_shape[0] * self.grid_shape[1]
+        self.tiles: Iterator[Tile] = plan_tiles(info.width, info.height, ts, config.tiling.halo, scene=index)
+        self.writer: Any = None
+        self.opened: Any = None  # ref of the writer's open(): later calls wait for it
+        self.row_area: Any = None  # ref of the per-row pixel areas, shared by the scene's tasks
+        self.sent = self.acked = self.in_flight = 0
+        self.error: str | None = None
+
+
+class _Scheduler:
+    """The scheduling loop of one run (see the module docstring)."""
+
+    def __init__(self, scenes: list[SceneInfo], config: Config, store: OutputStore, env: dict[str, str],
+                 actors: list[Any], report: RunReport, progress: bool) -> None:
+        self.config, self.store, self.actors, self.report = config, store, actors, report
+        self.pending = [_Scene(i, info, config) for i, info in enumerate(scenes)]
+        self.pending.reverse()  # pop() takes them in input order
+        self.writers = _start_writers(config, store, env)
+        self.writer_load = [0] * len(self.writers)  # scenes open on each writer
+        self.writer_uses = [0] * len(self.writers)  # scenes given to each writer: ties go round the pool
+        self.actor_load = [0] * len(actors)  # batches queued on each actor
+        self.read = ray.remote(num_cpus=0.5)(read_batch)
+        self.post = ray.remote(num_cpus=0.5)(postprocess_batch)
+        self.config_ref, self.env_ref = ray.put(config), ray.put(env)
+        batch = config.runtime.batch_size
+        self.limit = len(actors) * (config.runtime.batches_in_flight_per_actor + EXTRA_BATCHES_IN_FLIGHT) * batch
+        self.config_id = config_fingerprint(config)
+        self.current: _Scene | None = None
+        self.acks: dict[Any, tuple[_Scene, int, int]] = {}  # ack ref -> (scene, tiles, actor index)
+        self.finishing: dict[Any, _Scene] = {}  # finish ref -> scene
+        self.aborting: list[Any] = []  # abort refs: waited for before the writers go
+        self.tiles_in_flight = 0
+        total = sum(s.n_tiles for s in self.pending)
+        report.tiles = total
+        self.bar = tqdm(total=total, unit="tile", disable=not progress, smoothing=0.1)
+        self.done_px = 0
+        self.first_batch = True
+
+    def run(self) -> None:
         try:
-            job = SceneJob(index, info, config, out_dir, fingerprint)
-        except Exception as exc:  # e.g. the output folder filled up or vanished
-            report.failures.append((info.path, f"{info.path}: cannot prepare outputs ({exc})"))
-            continue
-        active[index] = job
-        for tile in job.tiles:
-            if job.error:  # a scene that failed stops sending tiles
-                break
-            job.sent += 1
-            yield job, tile
+            while True:
+                self._submit()
+                waiting = list(self.acks) + list(self.finishing)
+                if not waiting:
+                    break
+                ready, _ = ray.wait(waiting, num_returns=1)
+                ready, _ = ray.wait(waiting, num_returns=len(waiting), timeout=0)  # everything ready now
+                for ref in ready:
+                    if ref in self.acks:
+                        self._on_ack(ref)
+                    else:
+                        self._on_finished(ref)
+        finally:
+            self.bar.close()
+            try:
+                ray.get(self.aborting)
+            except ray.exceptions.RayError:
+                pass  # a writer that died has nothing left to remove
+            for writer in self.writers:
+                ray.kill(writer)
+        self.report.megapixels = self.done_px / 1e6
+
+    def _next_batch(self) -> tuple[_Scene, list[Tile]] | None:
+        """The next tiles to send, all of one scene; opens scenes on their writers as they start."""
+        size = 1 if self.first_batch else self.config.runtime.batch_size  # the first tile comes back soon
+        while True:
+            if self.current is None or self.current.error:
+                if not self.pending:
+                    return None
+                self.current = self._open(self.pending.pop())
+            tiles = list(itertools.islice(self.current.tiles, size))
+            if tiles:
+                self.first_batch = False
+                return self.current, tiles
+            self.current = None
+
+    def _open(self, scene: _Scene) -> _Scene:
+        w = min(range(len(self.writers)), key=lambda i: (self.writer_load[i], self.writer_uses[i]))
+        self.writer_load[w] += 1
+        self.writer_uses[w] += 1
+        scene.writer = w
+        scene.opened = self.writers[w].open.remote(scene.index, scene.info, self.config_id)
+        info = scene.info
+        scene.row_area = ray.put(ground_scale(info.crs_wkt, info.transform, info.width, info.height).row_area_m2)
+        return scene
+
+    def _submit(self) -> None:
+        batch = self.config.runtime.batch_size
+        while self.tiles_in_flight + batch <= self.limit or not self.acks:
+            nxt = self._next_batch()
+            if nxt is None:
+                return
+            scene, tiles = nxt
+            a = min(range(len(self.actors)), key=lambda i: self.actor_load[i])
+            self.actor_load[a] += 1
+            reads = self.read.remote(scene.info.path, tiles, self.config.bands_needed, self.env_ref)
+            preds = self.actors[a].predict.remote(reads)
+            results = self.post.remote(preds, self.config_ref, scene.row_area, scene.grid_shape)
+            ack = self.writers[scene.writer].add.remote(scene.index, results, scene.opened)
+            self.acks[ack] = (scene, len(tiles), a)
+            scene.sent += len(tiles)
+            scene.in_flight += len(tiles)
+            self.tiles_in_flight += len(tiles)
+
+    def _on_ack(self, ref: Any) -> None:
+        scene, n, a = self.acks.pop(ref)
+        self.actor_load[a] -= 1
+        self.tiles_in_flight -= n
+        scene.in_flight -= n
+        try:
+            acks: list[TileAck] = ray.get(ref)
+        except ray.exceptions.RayError as exc:  # an actor or task died: this scene fails, the run goes on
+            acks = []
+            scene.error = scene.error or f"{scene.info.path}: {one_line_error(exc)}"
+        pixels = sum(ack.core_pixels for ack in acks)
+        for ack in acks:
+            if ack.status == "error" and not scene.error:
+                scene.error = ack.error or "unknown error"
+        scene.acked += n
+        self.done_px += pixels
+        self.report.progress.append((time.time(), pixels))
+        self.bar.update(n)
+        self.bar.set_postfix_str(f"{self.done_px / 1e6 / max(time.time() - self.report.started_unix, 1e-9):.2f} Mpx/s",
+                                 refresh=False)
+        if scene.error and scene.in_flight == 0:
+            log.info("%s", scene.error)
+            self.aborting.append(self.writers[scene.writer].abort.remote(scene.index))
+            self._close(scene)
+            self.report.failures.append((scene.info.path, scene.error))
+        elif not scene.error and scene.acked == scene.n_tiles:
+            self.finishing[self.writers[scene.writer].finish.remote(scene.index)] = scene
+
+    def _on_finished(self, ref: Any) -> None:
+        scene = self.finishing.pop(ref)
+        self._close(scene)
+        try:
+            summary = ray.get(ref)
+        except ray.exceptions.RayError as exc:
+            msg = one_line_error(exc)
+            msg = msg if scene.info.path in msg else f"{scene.info.path}: {msg}"
+            log.info("%s", msg)
+            self.report.failures.append((scene.info.path, msg))
+            return
+        self.report.summaries.append(summary)
+        self.report.writer_nodes[scene.info.path] = ray.get(scene.opened)
+        log.info("%s: done", scene.info.path)
+
+    def _close(self, scene: _Scene) -> None:
+        self.writer_load[scene.writer] -= 1
+        if self.current is scene:
+            self.current = None
 
 
-def _schedule(scenes: list[SceneInfo], config: Config, out_dir: Path, report: RunReport, progress: bool) -> None:
-    actors = _start_actors(config)
-    read = ray.remote(num_cpus=1)(_read_task)
-    post = ray.remote(num_cpus=1)(_post_task)
-    batch = config.runtime.batch_size
-    limit = len(actors) * config.runtime.batches_in_flight_per_actor * batch
-    active: dict[int, SceneJob] = {}  # scenes opened and not yet complete
-    stream = _tile_stream(scenes, config, out_dir, report, active)
-    in_flight: dict[Any, tuple[SceneJob, Tile]] = {}
-    actor_cycle = itertools.cycle(actors)
-    total = sum(math.prod(tile_grid_shape(s.width, s.height, config.tiling.tile_size)) for s in scenes)
-    bar = tqdm(total=total, unit="tile", disable=not progress, smoothing=0.1)
-    started = time.monotonic()
-    done_px = 0
-    # Finishing a scene (relabel pass, COG copies, seam merges) runs beside the loop, so the
-    # actors keep getting tiles; at most a few finished scenes wait, to bound driver memory.
-    finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="geoseg-finish")
-    finishing: deque[Future[None]] = deque()
-    while True:
-        while len(in_flight) + batch <= limit or not in_flight:
-            group = list(itertools.islice(stream, batch))
-            if not group:
-                break
-            reads = [read.remote(job.info.path, tile, config.bands_needed) for job, tile in group]
-            preds = next(actor_cycle).predict.options(num_returns=len(reads)).remote(*reads)
-            preds = [preds] if len(reads) == 1 else preds
-            for (job, tile), pred in zip(group, preds):
-                in_flight[post.remote(pred, config, job.row_area(tile), job.grid_shape)] = (job, tile)
-        if not in_flight:
-            break
-        ready, _ = ray.wait(list(in_flight), num_returns=1)
-        for ref in ready:
-            job, tile = in_flight.pop(ref)
-            result = _get(ref, tile)
-            if result.status == "error" and not job.error:
-                log.info("%s", result.error)
-            job.add(result)
-            done_px += int(result.tile.core.width * result.tile.core.height)
-            report.progress.append((time.time(), int(result.tile.core.width * result.tile.core.height)))
-            bar.update(1)
-            bar.set_postfix_str(f"{done_px / 1e6 / max(time.monotonic() - started, 1e-9):.2f} Mpx/s", refresh=False)
-            # Complete, or failed with nothing left in flight (no more of its tiles will be sent).
-            if job.index in active and (job.complete or (job.error and job.done == job.sent)):
-                del active[job.index]
-                finishing.append(finisher.submit(_finish, job, report))
-        while len(finishing) > MAX_SCENES_FINISHING:
-            finishing.popleft().result()
-    # Scenes that failed early never send all their tiles: finish them here.
-    for job in active.values():
-        job.error = job.error or "stopped before all tiles were processed"
-        finishing.append(finisher.submit(_finish, job, report))
-    for future in finishing:
-        future.result()
-    finisher.shutdown()
-    bar.close()
-    report.tiles = total
-    report.megapixels = done_px / 1e6
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
-def _get(ref: Any, tile: Tile) -> TileResult:
-    try:
-        return ray.get(ref)
-    except ray.exceptions.RayError as exc:  # an actor or task died: this tile fails, the run goes on
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return TileResult(tile=tile, status="error", error=f"worker failed on tile {tile.index}: {first}")
+def one_line_error(exc: BaseException) -> str:
+    """The real cause of a Ray error, in one plain line (no traceback, no terminal colours)."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(exc, ray.exceptions.RayTaskError) and cause is not None:
+        exc = cause
+    if isinstance(exc, ray.exceptions.ActorDiedError):
+        return "a worker died while processing this scene (the model actor or the scene writer)"
+    lines = [ln.strip() for ln in _ANSI.sub("", str(exc)).splitlines() if ln.strip()]
+    return lines[0][:300] if lines else type(exc).__name__
 
 
-def _finish(job: SceneJob, report: RunReport) -> None:
-    """Publish a complete scene, or drop a failed one (runs in the finisher thread)."""
-    if job.error:
-        job.abort()
-        report.failures.append((job.info.path, job.error))
-        return
-    try:
-        with rasterio.Env(GDAL_CACHEMAX=DRIVER_GDAL_CACHE_MB):  # rasterio's Env is per thread
-            summary = job.finish()
-        report.summaries.append(summary)
-        log.info("%s: done in %.1f s", job.info.path, time.monotonic() - job.started)
-    except Exception as exc:
-        job.abort()
-        msg = f"{job.info.path}: writing outputs failed ({exc})"
-        log.info("%s", msg)
-        report.failures.append((job.info.path, msg))
-
-
-def write_run_csv(path: Path, report: RunReport) -> None:
-    """``out/summary.csv``: a row per input x model x class, and a row per failed input."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["input", "status", "model", "task", "class", "count", "pixels", "area_m2", "error"])
-        for s in report.summaries:
-            for model, m in s["models"].items():
-                for cls, v in m["classes"].items():
-                    w.writerow([s["input"], "ok", model, m["task"], cls, v.get("count", ""), v["pixels"], v["area_m2"], ""])
-        for inp, err in report.failures:
-            w.writerow([inp, "failed", "", "", "", "", "", "", err])
-    os.replace(tmp, path)
+def run_csv(report: RunReport) -> str:
+    """``summary.csv``: a row per input x model x class, and a row per failed input."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["input", "status", "model", "task", "class", "count", "pixels", "area_m2", "error"])
+    for s in report.summaries:
+        for model, m in s["models"].items():
+            for cls, v in m["classes"].items():
+                w.writerow([s["input"], "ok", model, m["task"], cls, v.get("count", ""), v["pixels"], v["area_m2"], ""])
+    for inp, err in report.failures:
+        w.writerow([inp, "failed", "", "", "", "", "", "", err])
+    return buf.getvalue()

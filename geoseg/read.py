@@ -18,6 +18,7 @@ from rasterio.errors import RasterioIOError
 
 from geoseg.errors import InputError
 from geoseg.grid import Tile
+from geoseg.storage import gdal_path, is_s3, list_rasters
 
 RASTER_SUFFIXES = (".tif", ".tiff")
 
@@ -47,7 +48,16 @@ def find_scenes(inputs: list[str]) -> tuple[list[str], list[InputError]]:
     errors: list[InputError] = []
     for item in inputs:
         p = Path(item)
-        if p.is_dir():
+        if is_s3(item) and item.endswith("/"):  # a bucket prefix: its .tif/.tiff objects
+            try:
+                objects = list_rasters(item)
+            except InputError as exc:
+                errors.append(exc)
+                continue
+            if not objects:
+                errors.append(InputError(item, "prefix holds no .tif/.tiff objects"))
+            found.extend(objects)
+        elif p.is_dir():
             # Not recursive: sub-folders (e.g. a synthetic scene's truth) are not inputs.
             files = sorted(str(f) for f in p.iterdir() if f.suffix.lower() in RASTER_SUFFIXES and f.is_file())
             if not files:
@@ -66,7 +76,7 @@ def inspect_scene(path: str) -> SceneInfo:
     What each model needs of it (bands, dtype, resolution) is checked by ``geoseg.contract.check_scene``.
     """
     try:
-        with rasterio.open(path) as ds:
+        with rasterio.open(gdal_path(path)) as ds:
             if ds.crs is None:
                 raise InputError(path, "raster has no CRS; assign one (e.g. gdal_edit.py -a_srs EPSG:32618)")
             if ds.transform.b != 0 or ds.transform.d != 0:
@@ -93,7 +103,7 @@ def read_tile(path: str, tile: Tile, bands: list[int]) -> dict[str, Any]:
     any read band is masked.
     """
     try:
-        with rasterio.open(path) as ds:
+        with rasterio.open(gdal_path(path)) as ds:
             image = ds.read(bands, window=tile.read)
             masks = ds.read_masks(bands, window=tile.read)
     except RasterioIOError as exc:

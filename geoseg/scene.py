@@ -1,14 +1,14 @@
 """One scene's outputs as its tiles arrive: masks, seam stitching, polygons, counts, summary.
 
-The driver feeds ``SceneJob.add`` with tile results in any order (each placed by its own window);
-``finish`` completes the files and moves them into ``out/<stem>/``; ``abort`` removes them.
+A scene writer (``geoseg.writer``) feeds ``SceneJob.add`` with tile results in any order (each
+placed by its own window); ``finish`` completes the files in a local staging folder and publishes
+them through the run's ``OutputStore`` (a folder rename, or an upload with its manifest last);
+``abort`` removes them.
 """
 
 from __future__ import annotations
 
-import shutil
 import time
-from pathlib import Path
 from typing import Any
 
 from geoseg.config import Config
@@ -18,13 +18,13 @@ from geoseg.export import (
     LayerWriter,
     MaskWriter,
     ObjectSink,
-    publish_dir,
     write_counts_table,
     write_json,
 )
-from geoseg.grid import Tile, plan_tiles, tile_grid_shape
+from geoseg.grid import tile_grid_shape
 from geoseg.postprocess import TileResult, empty_head
 from geoseg.read import SceneInfo
+from geoseg.storage import OutputStore
 from geoseg.stitch import HeadStitcher
 from geoseg.units import ground_scale
 
@@ -32,22 +32,16 @@ from geoseg.units import ground_scale
 class SceneJob:
     """Stitches and writes one scene; holds at most a few tiles' worth of pixels."""
 
-    def __init__(self, index: int, info: SceneInfo, config: Config, out_dir: Path, config_id: str = "") -> None:
-        self.index, self.info, self.config, self.config_id = index, info, config, config_id
-        ts, halo = config.tiling.tile_size, config.tiling.halo
-        self.grid_shape = tile_grid_shape(info.width, info.height, ts)
+    def __init__(self, index: int, info: SceneInfo, config: Config, store: OutputStore, config_id: str = "") -> None:
+        self.index, self.info, self.config, self.config_id, self.store = index, info, config, config_id, store
+        self.grid_shape = tile_grid_shape(info.width, info.height, config.tiling.tile_size)
         self.n_tiles = self.grid_shape[0] * self.grid_shape[1]
-        self.tiles = plan_tiles(info.width, info.height, ts, halo, scene=index)
         self.done = 0  # tile results received
-        self.sent = 0  # tiles sent to the workers
         self.valid_pixels = 0
         self.error: str | None = None
         self.started = time.monotonic()
         self.scale = ground_scale(info.crs_wkt, info.transform, info.width, info.height)
-        self.final_dir = out_dir / info.stem
-        self.tmp_dir = out_dir / f".{info.stem}.partial"
-        shutil.rmtree(self.tmp_dir, ignore_errors=True)
-        self.tmp_dir.mkdir(parents=True)
+        self.tmp_dir = store.staging_dir(info.stem)
         self.gpkg = self.tmp_dir / f"{info.stem}.gpkg"
         profile = {"width": info.width, "height": info.height, "crs": info.crs_wkt, "transform": info.transform}
         bounds = _bounds(info)
@@ -61,11 +55,6 @@ class SceneJob:
             self.layers[name] = LayerWriter(self.gpkg, name, info.crs_wkt, fields)
             self.sinks[name] = ObjectSink(spec, self.layers[name], info.transform, info.crs_wkt, bounds, self.scale)
             self.stitchers[name] = HeadStitcher(self.grid_shape, spec.task == "instance", self.sinks[name])
-
-    def row_area(self, tile: Tile) -> Any:
-        """Pixel areas (m^2) of the tile's core rows, shipped with the tile to its CPU task."""
-        r0 = int(tile.core.row_off)
-        return self.scale.row_area_m2[r0 : r0 + int(tile.core.height)]
 
     def add(self, result: TileResult) -> None:
         """Place one tile's result: masks by window, objects into the stitchers."""
@@ -123,17 +112,18 @@ class SceneJob:
             "tiles": self.n_tiles,
             "valid_pixels": self.valid_pixels,
             "seconds": round(time.monotonic() - self.started, 2),
+            "published_unix": round(time.time(), 3),  # resume: an input modified after this is redone
             "models": models,
         }
         write_json(self.tmp_dir / "summary.json", summary)
-        publish_dir(self.tmp_dir, self.final_dir)
+        self.store.publish(self.tmp_dir, self.info.stem)
         return summary
 
     def abort(self) -> None:
         """Drop everything this scene wrote."""
         for mask in self.masks.values():
             mask.abort()
-        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        self.store.discard(self.tmp_dir)
 
 
 def _bounds(info: SceneInfo) -> tuple[float, float, float, float]:

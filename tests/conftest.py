@@ -54,3 +54,56 @@ def synth_scene(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = d / "scene.tif"
     write_scene(path, size=1536, seed=3)
     return path
+
+
+_S3_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+           "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE", "AWS_S3_ENDPOINT",
+           "AWS_HTTPS", "AWS_VIRTUAL_HOSTING", "AWS_NO_SIGN_REQUEST", "CPL_AWS_AUTODETECT_EC2")
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 API (moto's server) on 127.0.0.1 for the session; yields its endpoint URL.
+
+    The environment points boto3 (AWS_ENDPOINT_URL) and GDAL's /vsis3/ (AWS_S3_ENDPOINT,
+    AWS_HTTPS, AWS_VIRTUAL_HOSTING) at it, with dummy credentials; restored at the end.
+    """
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    saved = {k: os.environ.get(k) for k in _S3_ENV}
+    for k in _S3_ENV:
+        os.environ.pop(k, None)
+    os.environ.update({
+        "AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1", "AWS_S3_ENDPOINT": f"127.0.0.1:{port}", "AWS_HTTPS": "NO",
+        "AWS_VIRTUAL_HOSTING": "FALSE", "CPL_AWS_AUTODETECT_EC2": "NO",
+    })
+    try:
+        yield endpoint
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture
+def s3_bucket(s3_server: str) -> str:
+    """A fresh, empty bucket on the session's S3 server; returns its name."""
+    import uuid
+
+    import boto3
+
+    name = f"geoseg-test-{uuid.uuid4().hex[:12]}"
+    boto3.session.Session().client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    return name

@@ -128,7 +128,7 @@ def check_failures(failures: list[tuple[str, str]], paths: dict[str, Path]) -> N
 def check_good_scene(out: Path, good: Path) -> None:
     scene = out / good.stem
     assert sorted(p.name for p in scene.iterdir()) == sorted(
-        ["good.gpkg", "good_landuse.tif", "good_ships.tif", "summary.json"])
+        ["good.gpkg", "good_landuse.tif", "good_ships.tif", "manifest.json", "summary.json"])
     truth = good.with_suffix(".truth")
     with rasterio.open(scene / "good_landuse.tif") as m, rasterio.open(truth / "landuse.tif") as t, \
             rasterio.open(good) as src:

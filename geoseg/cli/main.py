@@ -28,7 +28,7 @@ def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
 
 @cli.command()
 @click.argument("inputs", nargs=-1, required=True)
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--out", "out_dir", required=True, help="Output folder, or s3://bucket/prefix.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
               help="YAML config (default: configs/default.yaml).")
 @click.option("--tile-size", type=int, default=None, help="Core pixels per tile side (overrides the config).")
@@ -48,9 +48,11 @@ def run(ctx: click.Context, inputs: tuple[str, ...], out_dir: str, config_path: 
       geoseg run scenes/ --out out/ --resume      # nightly: skip scenes already done
       geoseg run a.tif b.tif --out out/ --config configs/default.yaml --tile-size 1024
       geoseg run /vsis3/bucket/scene.tif --out out/ --address ray://head:10001
+      geoseg run s3://bucket/scenes/ --out s3://bucket/results   # AWS_* variables, see README
     """
     from geoseg.config import load_config
     from geoseg.pipeline import run as run_pipeline
+    from geoseg.storage import OutputStore
 
     overrides = {"tiling": {"tile_size": tile_size, "halo": halo}, "runtime": {"batch_size": batch_size, "device": device}}
     config = load_config(config_path or DEFAULT_CONFIG, overrides)
@@ -60,7 +62,7 @@ def run(ctx: click.Context, inputs: tuple[str, ...], out_dir: str, config_path: 
     skipped = f" ({report.skipped} skipped: already done)" if report.skipped else ""
     click.echo(
         f"{len(report.summaries)} scene(s) ok{skipped}, {len(report.failures)} failed; {report.tiles} tiles, "
-        f"{report.megapixels:.1f} Mpx in {report.seconds:.1f} s -> {Path(out_dir) / 'summary.csv'}"
+        f"{report.megapixels:.1f} Mpx in {report.seconds:.1f} s -> {OutputStore(out_dir).uri('summary.csv')}"
     )
     if not report.ok:
         sys.exit(1)

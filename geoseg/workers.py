@@ -1,0 +1,79 @@
+"""What the driver sends out, as plain callables: read a batch of tiles, run the models on it,
+post-process it. ``geoseg.pipeline`` turns them into Ray tasks and actors; nothing here imports Ray.
+
+Work moves in batches of tiles of one scene (one task or actor call per batch, not per tile): the
+driver's cost per pixel then shrinks with the batch, and a batch's arrays travel between workers
+through Ray's object store without passing through the driver.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from geoseg.config import Config
+from geoseg.errors import GeosegError, InputError
+from geoseg.grid import Tile
+from geoseg.postprocess import TileResult, postprocess_tile
+from geoseg.read import read_tile
+from geoseg.storage import apply_storage_env
+
+
+def read_batch(path: str, tiles: list[Tile], bands: list[int], storage_env: dict[str, str]) -> list[dict[str, Any]]:
+    """Read every tile's window; a tile that cannot be read carries its error (its scene fails)."""
+    apply_storage_env(storage_env)
+    return [_read_one(path, tile, bands) for tile in tiles]
+
+
+def _read_one(path: str, tile: Tile, bands: list[int]) -> dict[str, Any]:
+    try:
+        data = read_tile(path, tile, bands)
+    except InputError as exc:
+        return {"tile": tile, "status": "error", "error": str(exc)}
+    except Exception as exc:  # GDAL can fail in many ways on a damaged file; keep it to this scene
+        return {"tile": tile, "status": "error", "error": f"{path}: read failed in tile {tile.index} ({exc})"}
+    if not data["valid"].any():
+        return {"tile": tile, "status": "empty"}
+    return {"tile": tile, "status": "ok", **data}
+
+
+def postprocess_batch(preds: list[dict[str, Any]], config: Config, row_area_m2: np.ndarray,
+                      grid_shape: tuple[int, int]) -> list[TileResult]:
+    """Decode, measure and vectorise each tile; ``row_area_m2`` covers the whole scene's rows."""
+    out = []
+    for pred in preds:
+        tile: Tile = pred["tile"]
+        r0 = int(tile.core.row_off)
+        try:
+            out.append(postprocess_tile(pred, config, row_area_m2[r0 : r0 + int(tile.core.height)], grid_shape))
+        except Exception as exc:
+            out.append(TileResult(tile=tile, status="error", error=f"post-processing failed on tile {tile.index}: {exc}"))
+    return out
+
+
+class PredictorWorker:
+    """The model actor's body: builds and checks every model once, then runs batches.
+
+    A model that cannot be built is kept as the error ``ready`` raises, so the driver reports it
+    in one line (naming the model) before any tile is read.
+    """
+
+    def __init__(self, config: Config, num_threads: int) -> None:
+        from geoseg.infer import Predictor  # torch lives in the actors, not in the driver
+
+        self.error: GeosegError | None = None
+        self.predictor: Any = None
+        try:
+            self.predictor = Predictor(config, num_threads=num_threads)
+        except GeosegError as exc:
+            self.error = exc
+
+    def ready(self) -> str:
+        """The device the models run on; raises the model error if building failed."""
+        if self.error is not None:
+            raise self.error
+        return str(self.predictor.device)
+
+    def predict(self, payloads: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return self.predictor(payloads)

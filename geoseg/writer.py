@@ -1,0 +1,110 @@
+"""The scene writer: assembles scenes from tile results, off the driver.
+
+The driver starts a few writers (Ray actors, spread over the cluster's nodes) and gives each scene
+to one of them. Post-processing tasks return their results as object refs, which the driver passes
+to the scene's writer unopened, so tile pixels go from the workers to the writer and never through
+the driver. A writer holds several scenes at once; calls for different scenes run in parallel
+threads (GDAL, numpy and shapely release the GIL), calls for one scene are serialised by its lock.
+What comes back to the driver is small: per tile its status and pixel count, and per scene the
+summary. This module knows nothing of Ray: ``geoseg.pipeline`` wraps ``SceneWriter`` in an actor.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from geoseg.config import Config
+from geoseg.postprocess import TileResult
+from geoseg.read import SceneInfo
+from geoseg.scene import SceneJob
+from geoseg.storage import OutputStore, apply_storage_env
+
+# A writer's GDAL block cache (MB): the masks are written window by window, so a small cache keeps
+# its memory flat whatever the raster size.
+WRITER_GDAL_CACHE_MB = 256
+
+
+@dataclass(frozen=True)
+class TileAck:
+    """What the driver learns of one tile once its scene's writer has taken it."""
+
+    scene: int
+    index: int
+    status: str  # ok | empty | error
+    core_pixels: int
+    error: str | None = None
+
+
+class SceneWriter:
+    """Hosts the scenes given to it: opens their files, places tile results, publishes or drops them."""
+
+    def __init__(self, config: Config, store: OutputStore, storage_env: dict[str, str], node: str = "") -> None:
+        apply_storage_env(storage_env)
+        # Before GDAL is first used in this process, so that every thread's writes share the cap.
+        os.environ.setdefault("GDAL_CACHEMAX", str(WRITER_GDAL_CACHE_MB))
+        self.config, self.store, self.node = config, store, node
+        self.jobs: dict[int, SceneJob] = {}
+        self.locks: dict[int, threading.Lock] = {}
+        self.errors: dict[int, str] = {}  # scenes that failed before their job existed
+
+    def open(self, index: int, info: SceneInfo, config_id: str) -> str:
+        """Prepare a scene's outputs; returns the node it is assembled on. A failure is kept and
+        reported on the scene's first tile (so the driver's loop sees it like any tile error)."""
+        self.locks[index] = threading.Lock()
+        try:
+            self.jobs[index] = SceneJob(index, info, self.config, self.store, config_id)
+        except Exception as exc:  # e.g. the output folder filled up or vanished
+            self.errors[index] = f"{info.path}: cannot prepare outputs ({_one_line(exc)})"
+        return self.node
+
+    def add(self, index: int, results: list[TileResult], opened: Any = None) -> list[TileAck]:
+        """Place tile results of scene ``index``. ``opened`` is the result of ``open`` (passed so the
+        call waits for it)."""
+        del opened
+        with self.locks[index]:
+            job = self.jobs.get(index)
+            acks = []
+            for r in results:
+                error = r.error
+                if job is None:
+                    error = self.errors.get(index, "scene was not opened")
+                else:
+                    try:
+                        job.add(r)
+                    except Exception as exc:  # a disk that filled up, a GDAL write error
+                        error = f"{job.info.path}: writing tile {r.tile.index} failed ({_one_line(exc)})"
+                        job.error = job.error or error
+                core = r.tile.core
+                acks.append(TileAck(index, r.tile.index, "error" if error else r.status,
+                                    int(core.width * core.height), error))
+            return acks
+
+    def finish(self, index: int) -> dict[str, Any]:
+        """Publish a complete scene; returns its summary. Raises with a one-line message on failure."""
+        with self.locks[index]:
+            job = self.jobs.pop(index)
+            del self.locks[index]
+            try:
+                return job.finish()
+            except Exception as exc:
+                job.abort()
+                raise RuntimeError(f"{job.info.path}: writing outputs failed ({_one_line(exc)})") from None
+
+    def abort(self, index: int) -> None:
+        """Drop everything a failed scene wrote."""
+        lock = self.locks.pop(index, None)
+        if lock is None:
+            return
+        with lock:
+            job = self.jobs.pop(index, None)
+            self.errors.pop(index, None)
+            if job is not None:
+                job.abort()
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
