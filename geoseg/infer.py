@@ -140,11 +140,15 @@ class Predictor:
         x = torch.from_numpy(stacked)
         if self.device.type == "cuda":
             x = x.pin_memory().to(self.device, non_blocking=True)
-        x = x.float()
+        # Reorder to channels_last while pixels are still 1-2 bytes; float and the element-wise
+        # normalisation keep the layout, so no float-sized copy is spent on it.
+        x = x.contiguous(memory_format=torch.channels_last).float()
         valid = _padded_valid(payloads, self.halo, self.side, x.device)
         results: list[dict[str, np.ndarray]] = [{} for _ in payloads]
+        every_band = list(range(x.shape[1]))
         for name, (spec, model, positions) in self.heads.items():
-            xi = mask_invalid(_normalize(x[:, positions], spec), valid).contiguous(memory_format=torch.channels_last)
+            xi = x if positions == every_band else x[:, positions]
+            xi = mask_invalid(_normalize(xi, spec), valid).contiguous(memory_format=torch.channels_last)
             tta = spec.tta or self.config.runtime.tta
             with self._autocast():
                 if spec.task == "semantic" and tta == "none":

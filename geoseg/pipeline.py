@@ -37,7 +37,7 @@ from geoseg.grid import Tile, plan_tiles, tile_grid_shape
 from geoseg.read import SceneInfo, find_scenes, inspect_scene
 from geoseg.storage import OutputStore, storage_env
 from geoseg.units import ground_scale
-from geoseg.workers import PredictorWorker, postprocess_batch, read_batch
+from geoseg.workers import PredictorWorker, postprocess_batch, read_batch, warm_up_worker
 from geoseg.writer import SceneWriter, TileAck
 
 log = logging.getLogger("geoseg")
@@ -219,15 +219,22 @@ def run(inputs: list[str], out_dir: str | Path, config: Config, address: str | N
     store.check_writable()
     ensure_ray(address)
     env = storage_env()
-    actors = _start_actors(config)  # the models build while the driver reads the inputs' headers
+    # Everything that takes seconds to start starts now, side by side: the model actors build and
+    # check their models, the writers and the task workers import their libraries, while the
+    # driver reads the inputs' headers.
+    actors = _start_actors(config)
+    writers = _start_writers(config, store, env)
+    warm_up = ray.remote(num_cpus=0.5)(warm_up_worker)
+    for _ in range(2):
+        warm_up.remote()
     try:
         with rasterio.Env(GDAL_CACHEMAX=DRIVER_GDAL_CACHE_MB):
             scenes = _open_scenes(inputs, config, store, report, resume)
         report.device = _wait_ready(actors)
         if scenes:
-            _Scheduler(scenes, config, store, env, actors, report, progress).run()
+            _Scheduler(scenes, config, env, actors, writers, report, progress).run()
     finally:
-        for actor in actors:
+        for actor in actors + writers:
             ray.kill(actor)
     report.seconds = time.monotonic() - started
     store.write_text("summary.csv", run_csv(report))
@@ -253,12 +260,11 @@ class _Scene:
 class _Scheduler:
     """The scheduling loop of one run (see the module docstring)."""
 
-    def __init__(self, scenes: list[SceneInfo], config: Config, store: OutputStore, env: dict[str, str],
-                 actors: list[Any], report: RunReport, progress: bool) -> None:
-        self.config, self.store, self.actors, self.report = config, store, actors, report
+    def __init__(self, scenes: list[SceneInfo], config: Config, env: dict[str, str], actors: list[Any],
+                 writers: list[Any], report: RunReport, progress: bool) -> None:
+        self.config, self.actors, self.writers, self.report = config, actors, writers, report
         self.pending = [_Scene(i, info, config) for i, info in enumerate(scenes)]
         self.pending.reverse()  # pop() takes them in input order
-        self.writers = _start_writers(config, store, env)
         self.writer_load = [0] * len(self.writers)  # scenes open on each writer
         self.writer_uses = [0] * len(self.writers)  # scenes given to each writer: ties go round the pool
         self.actor_load = [0] * len(actors)  # batches queued on each actor
@@ -296,11 +302,9 @@ class _Scheduler:
         finally:
             self.bar.close()
             try:
-                ray.get(self.aborting)
+                ray.get(self.aborting)  # before run() lets the writers go
             except ray.exceptions.RayError:
                 pass  # a writer that died has nothing left to remove
-            for writer in self.writers:
-                ray.kill(writer)
         self.report.megapixels = self.done_px / 1e6
 
     def _next_batch(self) -> tuple[_Scene, list[Tile]] | None:

@@ -48,10 +48,23 @@ class TileResult:
     heads: dict[str, HeadTile] = field(default_factory=dict)
 
 
+def _line(labels: np.ndarray, rows: slice | int, cols: slice | int) -> np.ndarray:
+    """``labels[rows, cols]`` for one row or column that may reach one pixel outside ``labels``;
+    pixels outside read -1 (unseen). Saves padding the whole tile for four thin lines."""
+    H, W = labels.shape
+    if isinstance(rows, int):
+        if not 0 <= rows < H:
+            return np.full(cols.stop - cols.start, -1, dtype=np.int32)
+        out = np.full(cols.stop - cols.start, -1, dtype=np.int32)
+        lo, hi = max(cols.start, 0), min(cols.stop, W)
+        out[lo - cols.start : hi - cols.start] = labels[rows, lo:hi]
+        return out
+    assert isinstance(cols, int)
+    return _line(labels.T, cols, rows)
+
+
 def _rings(labels: np.ndarray, ro: int, co: int, h: int, w: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Inner edge labels of the core at (ro, co, h, w) inside ``labels``, and the ring just outside."""
-    padded = np.pad(labels, 1, constant_values=-1)
-    r, c = ro + 1, co + 1
     inner = {
         "top": labels[ro, co : co + w].copy(),
         "bottom": labels[ro + h - 1, co : co + w].copy(),
@@ -59,10 +72,10 @@ def _rings(labels: np.ndarray, ro: int, co: int, h: int, w: int) -> tuple[dict[s
         "right": labels[ro : ro + h, co + w - 1].copy(),
     }
     outer = {
-        "top": padded[r - 1, c - 1 : c + w + 1].copy(),
-        "bottom": padded[r + h, c - 1 : c + w + 1].copy(),
-        "left": padded[r - 1 : r + h + 1, c - 1].copy(),
-        "right": padded[r - 1 : r + h + 1, c + w].copy(),
+        "top": _line(labels, ro - 1, slice(co - 1, co + w + 1)),
+        "bottom": _line(labels, ro + h, slice(co - 1, co + w + 1)),
+        "left": _line(labels, slice(ro - 1, ro + h + 1), co - 1),
+        "right": _line(labels, slice(ro - 1, ro + h + 1), co + w),
     }
     return inner, outer
 
@@ -108,7 +121,10 @@ def _head(
         raster = core_labels
     n = label_class.shape[0] - 1
     pixels = np.bincount(core_labels.ravel(), minlength=n + 1).astype(np.int64)
-    areas = np.bincount(core_labels.ravel(), weights=np.repeat(row_area, w), minlength=n + 1)
+    if row_area.size and row_area.min() == row_area.max():  # projected grids: one pixel area
+        areas = pixels * float(row_area[0])
+    else:  # geographic and Mercator grids: pixel area varies by row
+        areas = np.bincount(core_labels.ravel(), weights=np.repeat(row_area, w), minlength=n + 1)
     pixels[0], areas[0] = 0, 0.0
     frag_labels, frag_wkb = label_polygons(core_labels, int(tile.core.row_off), int(tile.core.col_off))
     return HeadTile(

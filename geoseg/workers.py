@@ -20,6 +20,11 @@ from geoseg.read import read_tile
 from geoseg.storage import apply_storage_env
 
 
+def warm_up_worker() -> None:
+    """Nothing: running it makes a fresh worker import this module's libraries (GDAL, scipy,
+    scikit-image, shapely) while the models load, not when the first tile is waiting."""
+
+
 def read_batch(path: str, tiles: list[Tile], bands: list[int], storage_env: dict[str, str]) -> list[dict[str, Any]]:
     """Read every tile's window; a tile that cannot be read carries its error (its scene fails)."""
     apply_storage_env(storage_env)
