@@ -115,7 +115,8 @@ def _start_actors(config: Config) -> list[Any]:
     actor_cls = ray.remote(max_restarts=2, max_task_retries=2)(_PredictorActor)
     gpus = int(ray.cluster_resources().get("GPU", 0))
     if gpus and config.runtime.device != "cpu":
-        return [actor_cls.options(num_gpus=1, num_cpus=1).remote(config, 1)
+        # Two calls at once: one batch is padded and copied while the other runs on the GPU.
+        return [actor_cls.options(num_gpus=1, num_cpus=1, max_concurrency=2).remote(config, 1)
                 for _ in range(config.runtime.num_actors or gpus)]
     nodes = _cpu_nodes()
     if not nodes:
@@ -131,7 +132,7 @@ def _start_actors(config: Config) -> list[Any]:
 
 
 def _start_writers(config: Config, store: OutputStore, env: dict[str, str]) -> list[Any]:
-    """Scene writers, one per node (at least two), so scenes are assembled all over the cluster.
+    """Scene writers, one per node, so scenes are assembled all over the cluster.
 
     They reserve no CPU: their work is mostly compressed window writes, in GDAL threads. Placement
     is by node affinity, soft (Ray's SPREAD put every zero-CPU writer on one node here).
@@ -140,7 +141,7 @@ def _start_writers(config: Config, store: OutputStore, env: dict[str, str]) -> l
     cls = ray.remote(_WriterActor)
     return [cls.options(num_cpus=0, max_concurrency=WRITER_THREADS,
                         scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True)).remote(config, store, env)
-            for node in itertools.islice(itertools.cycle(nodes), max(2, len(nodes)))]
+            for node in nodes]
 
 
 def _wait_ready(actors: list[Any]) -> str:
