@@ -37,8 +37,7 @@ from geoseg.grid import Tile, plan_tiles, tile_grid_shape
 from geoseg.read import SceneInfo, find_scenes, inspect_scene
 from geoseg.storage import OutputStore, storage_env
 from geoseg.units import ground_scale
-from geoseg.workers import PredictorWorker, postprocess_batch, read_batch, warm_up_worker
-from geoseg.writer import SceneWriter, TileAck
+from geoseg.workers import PredictorWorker, TileAck, postprocess_batch, read_batch, warm_up_worker
 
 log = logging.getLogger("geoseg")
 DRIVER_GDAL_CACHE_MB = 64  # the driver only opens headers
@@ -92,9 +91,26 @@ class _PredictorActor(PredictorWorker):
     pass
 
 
-class _WriterActor(SceneWriter):
+class _WriterActor:
+    """Ray actor around ``geoseg.writer.SceneWriter`` (imported in the actor: the driver never
+    loads the writing stack)."""
+
     def __init__(self, config: Config, store: OutputStore, env: dict[str, str]) -> None:
-        super().__init__(config, store, env, node=ray.get_runtime_context().get_node_id())
+        from geoseg.writer import SceneWriter
+
+        self.writer = SceneWriter(config, store, env, node=ray.get_runtime_context().get_node_id())
+
+    def open(self, index: int, info: SceneInfo, config_id: str) -> str:
+        return self.writer.open(index, info, config_id)
+
+    def add(self, index: int, results: list[Any], opened: Any = None) -> list[TileAck]:
+        return self.writer.add(index, results, opened)
+
+    def finish(self, index: int) -> dict[str, Any]:
+        return self.writer.finish(index)
+
+    def abort(self, index: int) -> None:
+        self.writer.abort(index)
 
 
 def _cpu_nodes() -> list[tuple[str, float]]:

@@ -8,16 +8,33 @@ through Ray's object store without passing through the driver.
 
 from __future__ import annotations
 
-from typing import Any
-
-import numpy as np
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from geoseg.config import Config
 from geoseg.errors import GeosegError, InputError
 from geoseg.grid import Tile
-from geoseg.postprocess import TileResult, postprocess_tile
-from geoseg.read import read_tile
 from geoseg.storage import apply_storage_env
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from geoseg.postprocess import TileResult
+
+# Heavy libraries are imported where they are used: the driver imports this module only to name
+# the functions, and the model actor (torch) never needs GDAL, scipy or scikit-image.
+
+
+@dataclass(frozen=True)
+class TileAck:
+    """What the driver learns of one tile once its scene's writer has taken it (defined here, in a
+    light module, because the driver unpickles it)."""
+
+    scene: int
+    index: int
+    status: str  # ok | empty | error
+    core_pixels: int
+    error: str | None = None
 
 
 def warm_up_worker() -> None:
@@ -32,6 +49,8 @@ def read_batch(path: str, tiles: list[Tile], bands: list[int], storage_env: dict
 
 
 def _read_one(path: str, tile: Tile, bands: list[int]) -> dict[str, Any]:
+    from geoseg.read import read_tile
+
     try:
         data = read_tile(path, tile, bands)
     except InputError as exc:
@@ -44,8 +63,10 @@ def _read_one(path: str, tile: Tile, bands: list[int]) -> dict[str, Any]:
 
 
 def postprocess_batch(preds: list[dict[str, Any]], config: Config, row_area_m2: np.ndarray,
-                      grid_shape: tuple[int, int]) -> list[TileResult]:
+                      grid_shape: tuple[int, int]) -> list[TileResult]:  # noqa: F821 (lazy import)
     """Decode, measure and vectorise each tile; ``row_area_m2`` covers the whole scene's rows."""
+    from geoseg.postprocess import TileResult, postprocess_tile
+
     out = []
     for pred in preds:
         tile: Tile = pred["tile"]

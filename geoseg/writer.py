@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass
 from typing import Any
 
 from geoseg.config import Config
@@ -21,21 +20,11 @@ from geoseg.postprocess import TileResult
 from geoseg.read import SceneInfo
 from geoseg.scene import SceneJob
 from geoseg.storage import OutputStore, apply_storage_env
+from geoseg.workers import TileAck
 
 # A writer's GDAL block cache (MB): the masks are written window by window, so a small cache keeps
 # its memory flat whatever the raster size.
 WRITER_GDAL_CACHE_MB = 256
-
-
-@dataclass(frozen=True)
-class TileAck:
-    """What the driver learns of one tile once its scene's writer has taken it."""
-
-    scene: int
-    index: int
-    status: str  # ok | empty | error
-    core_pixels: int
-    error: str | None = None
 
 
 class SceneWriter:
