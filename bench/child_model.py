@@ -1,30 +1,46 @@
-"""The model alone in a loop (a subprocess of ``bench.run``): the pipeline's upper bound.
+"""The model alone in a loop on the CPU (a subprocess of ``bench.run``): the pipeline's upper bound.
 
-Same network, batch size, padded tile side (core + 2 halo, rounded up to 32) and torch thread
-count as the pipeline's actor; random float input already normalised. Output Mpx/s counts core
-pixels (``tile_size^2`` per tile), as the pipeline's figure does.
+Same network and batch size as the pipeline, input at the pipeline's padded tile side
+(``geoseg.grid.padded_size(tile, halo)``), torch on ``--threads`` threads (default: every core,
+``os.cpu_count()``); random float input already normalised; forward + argmax to uint8 (the actor's
+own per-pixel step). One warm-up batch, then ``--batches`` timed batches; the figure is the median.
+Mpx/s counts core pixels (``tile_size^2`` per tile), as the pipeline's figure does.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import os
 import statistics
 import time
+
+
+def state_digest(model: object) -> str:
+    """A short digest of a model's weights, to show two processes ran the same network."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):  # type: ignore[attr-defined]
+        h.update(name.encode())
+        h.update(tensor.detach().to(torch.float64).cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--factory", required=True, help="module:callable")
-    ap.add_argument("--tile-size", type=int, default=1024)
-    ap.add_argument("--halo", type=int, default=64)
+    ap.add_argument("--tile-size", type=int, default=512)
+    ap.add_argument("--halo", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--batches", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--batches", type=int, default=5)
+    ap.add_argument("--save-state", default=None, help="also save the model's state_dict here (torch.save)")
     ap.add_argument("--json", required=True)
     args = ap.parse_args()
-
-    import importlib
 
     import torch
 
@@ -33,24 +49,40 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     module, attr = args.factory.split(":")
     model = getattr(importlib.import_module(module), attr)().eval()
+    if args.save_state:
+        torch.save(model.state_dict(), args.save_state)
     side = padded_size(args.tile_size, args.halo)
-    x = torch.rand(args.batch_size, 3, side, side)
-    times = []
-    with torch.inference_mode():
-        model(x[:1])  # warm-up: allocator, kernels
-        for _ in range(args.batches):
-            t = time.perf_counter()
-            logits = model(x)
-            logits.argmax(dim=1).to(torch.uint8)  # the actor's own per-pixel step, for parity
-            times.append(time.perf_counter() - t)
+    x = torch.rand(args.batch_size, 3, side, side, generator=torch.Generator().manual_seed(0))
+    # Both memory layouts, the faster one is "the model alone": geoseg runs channels_last, so the
+    # ratio must not credit the pipeline with a layout gain.
+    times_by_layout: dict[str, list[float]] = {}
+    for layout in ("contiguous", "channels_last"):
+        fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+        m, xl = model.to(memory_format=fmt), x.contiguous(memory_format=fmt)
+        times_by_layout[layout] = []
+        with torch.inference_mode():
+            m(xl).argmax(dim=1).to(torch.uint8)  # warm-up: allocator, kernels
+            for _ in range(args.batches):
+                t = time.perf_counter()
+                logits = m(xl)
+                logits.argmax(dim=1).to(torch.uint8)
+                times_by_layout[layout].append(time.perf_counter() - t)
+    best = min(times_by_layout, key=lambda k: statistics.median(times_by_layout[k]))
+    times = times_by_layout[best]
     per_batch = statistics.median(times)
     out = {
         "threads": args.threads,
+        "torch_threads": torch.get_num_threads(),
         "batch_size": args.batch_size,
+        "tile_size": args.tile_size,
+        "halo": args.halo,
         "padded_side": side,
-        "batch_seconds": [round(t, 3) for t in times],
-        "median_batch_s": round(per_batch, 3),
+        "layout": best,
+        "median_batch_s_by_layout": {k: round(statistics.median(v), 4) for k, v in times_by_layout.items()},
+        "batch_seconds": [round(t, 4) for t in times],
+        "median_batch_s": round(per_batch, 4),
         "mpx_per_s": round(args.batch_size * args.tile_size**2 / per_batch / 1e6, 4),
+        "weights_digest": state_digest(model),
     }
     with open(args.json, "w") as fh:
         json.dump(out, fh, indent=2)

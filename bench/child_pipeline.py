@@ -1,9 +1,20 @@
 """One ``geoseg.pipeline.run`` in this process (a subprocess of ``bench.run``); writes a JSON report.
 
-The driver's own peak RSS is VmHWM from /proc/self/status (not ``getrusage``'s ru_maxrss, which
-after fork + exec can report the parent's size); the parent also polls /proc.
-``SceneJob.add`` and ``SceneJob.finish`` are wrapped (not changed) to time each tile's arrival at
-the driver and the final write, and to sample the driver's RSS as tiles arrive.
+Only the public API is used: ``run(inputs, out_dir, config, progress=False)`` and its
+``RunReport`` (``progress`` = (unix time, core pixels) each time tile results reached their scene
+writer, ``started_unix``, ``megapixels``). Nothing in geoseg is wrapped or patched.
+
+- wall: ``time.perf_counter()`` around ``run``; end to end Mpx/s = core Mpx / that wall;
+- steady Mpx/s: core pixels of the progress entries after the first / time from the first entry
+  to the last (excludes Ray start, the model check, actor start and what happens after the last
+  tile: finishing the scene);
+- driver CPU: ``resource.getrusage(RUSAGE_SELF)`` (user + sys, every thread of this process)
+  around ``run``; the Ray processes are other processes and do not count;
+- driver peak RSS: VmHWM of this process right after ``run`` (the parent also polls the whole job).
+
+Ray: ``run`` starts the local Ray itself (as ``geoseg run`` does) unless ``--num-cpus`` asks for
+another CPU count than this machine has; then Ray is started here first, with that count, and the
+start is outside the timed ``run`` (recorded as ``ray_started_by: bench``).
 """
 
 from __future__ import annotations
@@ -11,88 +22,113 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import time
 
-from bench.procmon import hwm_kb, rss_kb, rss_parts_kb
+from bench.procmon import hwm_kb, process_start_unix, rss_kb, rss_parts_kb
+
+
+def _start_ray(num_cpus: int) -> None:
+    import ray
+
+    import geoseg.pipeline as pipeline
+
+    ensure = getattr(pipeline, "ensure_ray", None)
+    try:
+        if ensure is not None:
+            ensure(num_cpus=num_cpus)
+            return
+    except TypeError:
+        pass
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+             object_store_memory=getattr(pipeline, "LOCAL_OBJECT_STORE_BYTES", None))
+
+
+def progress_figures(progress: list[tuple[float, int]], started_unix: float) -> dict[str, object]:
+    """First tile, steady rate and spread of the tile arrivals, from ``RunReport.progress``."""
+    entries = sorted((float(t), int(px)) for t, px in progress)
+    if not entries:
+        return {"progress_entries": 0}
+    t_first, t_last = entries[0][0], entries[-1][0]
+    px_after_first = sum(px for _, px in entries[1:])
+    span = t_last - t_first
+    return {
+        "progress_entries": len(entries),
+        "core_megapixels_progress": round(sum(px for _, px in entries) / 1e6, 3),
+        "first_tile_s": round(t_first - started_unix, 3),
+        "first_to_last_tile_s": round(span, 3),
+        "mpx_per_s_steady": round(px_after_first / span / 1e6, 4) if len(entries) > 1 and span > 0 else None,
+        "first_tile_unix": round(t_first, 3),
+        "last_tile_unix": round(t_last, 3),
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--input", required=True)
+    ap.add_argument("--input", action="append", required=True, help="raster (repeat for several)")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--factory", required=True)
-    ap.add_argument("--tile-size", type=int, default=1024)
-    ap.add_argument("--halo", type=int, default=64)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--num-cpus", type=int, default=2)
+    ap.add_argument("--config", required=True, help="JSON file: the config dict (config_from_dict)")
+    ap.add_argument("--base-dir", default=os.getcwd(), help="what relative factory paths are resolved against")
+    ap.add_argument("--num-cpus", type=int, default=None, help="local Ray CPUs (default: run() decides)")
     ap.add_argument("--json", required=True)
     args = ap.parse_args()
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    process_start = process_start_unix()
     import ray
 
-    import geoseg.scene
     from geoseg.config import config_from_dict
     from geoseg.pipeline import run
 
-    config = config_from_dict({
-        "tiling": {"tile_size": args.tile_size, "halo": args.halo},
-        "runtime": {"batch_size": args.batch_size, "device": "cpu"},
-        "models": {"landuse": {"task": "semantic", "classes": ["c0", "c1", "c2", "c3", "c4"], "bands": [1, 2, 3],
-                               "normalize": {"scale": 255.0}, "factory": args.factory}},
-    }, "<bench>", base_dir=os.getcwd())
-
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    rss_start_kb = rss_kb(os.getpid())
-    parts_start = rss_parts_kb(os.getpid())
-    arrivals: list[tuple[float, int, int]] = []  # (t, core pixels, driver rss kB)
-    parts_last: dict[str, int] = {}
-    finish_s: list[float] = []
-    orig_add, orig_finish = geoseg.scene.SceneJob.add, geoseg.scene.SceneJob.finish
-
-    def add(self, result):  # type: ignore[no-untyped-def]
-        orig_add(self, result)
-        core = result.tile.core
-        parts = rss_parts_kb(os.getpid())
-        parts_last.update(parts)
-        arrivals.append((time.monotonic(), int(core.width * core.height), parts.get("VmRSS", 0)))
-
-    def finish(self):  # type: ignore[no-untyped-def]
-        t = time.monotonic()
-        try:
-            return orig_finish(self)
-        finally:
-            finish_s.append(time.monotonic() - t)
-
-    geoseg.scene.SceneJob.add, geoseg.scene.SceneJob.finish = add, finish
-    t0 = time.monotonic()
-    report = run([args.input], args.out, config, progress=False)
-    wall = time.monotonic() - t0
+    with open(args.config) as fh:
+        config = config_from_dict(json.load(fh), "<bench>", base_dir=args.base_dir)
+    ray_started_by = "run"
+    ray_start_s = None
+    if args.num_cpus is not None and args.num_cpus != os.cpu_count():
+        t = time.perf_counter()
+        _start_ray(args.num_cpus)
+        ray_start_s, ray_started_by = round(time.perf_counter() - t, 2), "bench"
+    rss_before_kb = rss_kb(os.getpid())
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+    t0_unix = time.time()
+    t0 = time.perf_counter()
+    report = run(args.input, args.out, config, progress=False)
+    wall = time.perf_counter() - t0
+    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     peak_kb = hwm_kb(os.getpid())
+    parts_end = rss_parts_kb(os.getpid())
+    cpus = ray.cluster_resources().get("CPU")
+    gpus = ray.cluster_resources().get("GPU", 0)
     ray.shutdown()
 
-    n = len(arrivals)
-    px = sum(a[1] for a in arrivals)
-    b = min(args.batch_size, n - 1)
-    steady = sum(a[1] for a in arrivals[b:]) / max(arrivals[-1][0] - arrivals[b - 1][0], 1e-9) / 1e6 if n > b > 0 else None
-    quart = {f"{q}%": round(arrivals[max(0, n * q // 100 - 1)][2] / 1024, 1) for q in (10, 25, 50, 75, 100)} if n else {}
-    out = {
+    started_unix = report.started_unix or t0_unix
+    core_mpx = report.megapixels or sum(px for _, px in report.progress) / 1e6
+    user, sys_ = cpu1.ru_utime - cpu0.ru_utime, cpu1.ru_stime - cpu0.ru_stime
+    out: dict[str, object] = {
         "ok": report.ok,
-        "failures": report.failures,
+        "failures": [[str(p), str(e)[:500]] for p, e in report.failures][:10],
         "tiles": report.tiles,
-        "core_megapixels": round(px / 1e6, 3),
-        "wall_s": round(wall, 2),
-        "first_tile_s": round(arrivals[0][0] - t0, 2) if n else None,
-        "tiles_s": round(arrivals[-1][0] - arrivals[0][0], 2) if n else None,
-        "finish_s": round(sum(finish_s), 2),
-        "mpx_per_s_end_to_end": round(px / wall / 1e6, 4),
-        "mpx_per_s_steady": round(steady, 4) if steady else None,
-        "driver_rss_start_mib": round(rss_start_kb / 1024, 1),
-        "driver_rss_at_tile_fraction_mib": quart,
+        "core_megapixels": round(core_mpx, 3),
+        "wall_s": round(wall, 3),
+        "report_seconds": round(report.seconds, 3),
+        "mpx_per_s_end_to_end": round(core_mpx / wall, 4) if wall > 0 else None,
+        **progress_figures(report.progress, started_unix),
+        "run_started_unix": round(started_unix, 3),
+        "run_returned_unix": round(t0_unix + wall, 3),
+        "process_start_unix": round(process_start, 3),
+        "driver_cpu_s": round(user + sys_, 3),
+        "driver_cpu_user_s": round(user, 3),
+        "driver_cpu_sys_s": round(sys_, 3),
+        "driver_rss_before_run_mib": round(rss_before_kb / 1024, 1),
         "driver_peak_rss_mib": round(peak_kb / 1024, 1),
-        "driver_rss_parts_start_mib": {k: round(v / 1024, 1) for k, v in parts_start.items()},
-        "driver_rss_parts_last_tile_mib": {k: round(v / 1024, 1) for k, v in parts_last.items()},
+        "driver_rss_parts_end_mib": {k: round(v / 1024, 1) for k, v in parts_end.items()},
+        "ray_started_by": ray_started_by,
+        "ray_start_s": ray_start_s,
+        "ray_cpus": cpus,
+        "ray_gpus": gpus,
     }
+    if out["progress_entries"]:
+        out["after_last_tile_s"] = round(t0_unix + wall - float(out["last_tile_unix"]), 3)  # type: ignore[arg-type]
     with open(args.json, "w") as fh:
         json.dump(out, fh, indent=2)
 

@@ -1,18 +1,30 @@
-"""Memory of a process tree from /proc (Linux), without psutil.
+"""Memory of a Ray job's process tree from /proc (Linux), without psutil.
 
-``Monitor`` polls a child process (the driver) in a thread: its RSS, and the summed RSS and PSS
-of its Ray worker processes (descendants whose command line starts with ``ray::``). RSS counts
-shared pages (Ray's object store is shared memory) in every process that maps them, so the
-worker RSS sum over-counts; PSS splits shared pages between their users and sums correctly.
+``Monitor`` polls a driver process in a thread. Every ``interval`` seconds it finds the job's
+processes: every descendant of the driver (gcs_server, raylet, the dashboard and runtime-env
+agents, log monitor, ``ray::`` workers: a local Ray is started by the driver, its workers by the
+raylet) and, in case one was re-parented, any process whose command line names the driver's Ray
+session folder (``/tmp/ray/session_<stamp>``, read from the raylet's or gcs_server's command line).
+Processes of other Ray sessions on the machine (someone else's job) are never counted.
+
+Each sample takes ``driver RSS + sum of the PSS of those processes``: the *whole-job* figure. RSS
+counts a shared page (Ray's object store is shared memory; so are the libraries every worker maps)
+in every process that maps it, so an RSS sum over-counts; PSS splits each shared page between the
+processes that map it, so a PSS sum counts it once. The driver's RSS (not PSS) is used so that the
+driver's own figure is never flattered by sharing. The peak of the sum over the run is reported,
+with the split by process kind at that sample.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import threading
+import time
 from pathlib import Path
 
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
+_SESSION = re.compile(r"session_\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_\d+_\d+")
 
 
 def _status_kb(pid: int, key: str) -> int:
@@ -57,22 +69,33 @@ def pss_kb(pid: int) -> int:
     return 0
 
 
-def _children() -> dict[int, list[int]]:
-    kids: dict[int, list[int]] = {}
+def process_start_unix(pid: int | str = "self") -> float:
+    """When a process started, as Unix time (``/proc/<pid>/stat`` field 22 + boot time)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    ticks = int(stat[stat.rindex(")") + 2 :].split()[19])
+    btime = next(int(ln.split()[1]) for ln in Path("/proc/stat").read_text().splitlines() if ln.startswith("btime"))
+    return btime + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _parents() -> dict[int, int]:
+    out: dict[int, int] = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
         try:
             stat = Path(f"/proc/{entry.name}/stat").read_text()
-            ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+            out[int(entry.name)] = int(stat[stat.rindex(")") + 2 :].split()[1])
         except (OSError, ValueError, IndexError):
             continue
-        kids.setdefault(ppid, []).append(int(entry.name))
-    return kids
+    return out
 
 
-def descendants(pid: int) -> list[int]:
-    kids, out, todo = _children(), [], [pid]
+def descendants(pid: int, parents: dict[int, int] | None = None) -> list[int]:
+    parents = _parents() if parents is None else parents
+    kids: dict[int, list[int]] = {}
+    for child, parent in parents.items():
+        kids.setdefault(parent, []).append(child)
+    out, todo = [], [pid]
     while todo:
         for k in kids.get(todo.pop(), []):
             out.append(k)
@@ -87,16 +110,38 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
+def kind_of(cmdline: str) -> str:
+    """A short name for a Ray process: gcs, raylet, worker, or other (agents, log monitor, ...)."""
+    if cmdline.startswith("ray::"):
+        return "workers"
+    exe = cmdline.split(" ", 1)[0]
+    if exe.endswith("gcs_server"):
+        return "gcs"
+    if exe.endswith("raylet"):
+        return "raylet"
+    if "default_worker.py" in cmdline:
+        return "workers"  # a worker before it renamed itself ray::...
+    return "other"
+
+
 class Monitor:
-    """Poll ``pid`` every ``interval`` s until stopped; keeps peaks in MiB."""
+    """Poll the job of driver ``pid`` every ``interval`` s until stopped; keeps peaks (kB inside, MiB out)."""
 
     def __init__(self, pid: int, interval: float = 0.25) -> None:
         self.pid, self.interval = pid, interval
+        self.session: str | None = None
         self.driver_peak_kb = 0
         self.workers_rss_peak_kb = 0
         self.workers_pss_peak_kb = 0
+        self.ray_pss_peak_kb = 0  # every Ray process but the driver
+        self.whole_peak_kb = 0  # driver RSS + PSS sum of the Ray processes, same sample
+        self.whole_pss_peak_kb = 0  # driver PSS + PSS sum of the Ray processes, same sample
+        self.whole_peak_split_kb: dict[str, int] = {}
+        self.whole_peak_at = 0.0
+        self.processes_max = 0
         self.workers_max = 0
         self.samples = 0
+        self._cmd: dict[int, str] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -108,21 +153,74 @@ class Monitor:
         self._stop.set()
         self._thread.join()
 
+    def _job_processes(self) -> list[int]:
+        parents = _parents()
+        procs = set(descendants(self.pid, parents))
+        for p in procs:
+            if p not in self._cmd:
+                self._cmd[p] = _cmdline(p)
+            if self.session is None and (m := _SESSION.search(self._cmd[p])):
+                self.session = m.group(0)
+        if self.session:
+            for p in parents:
+                if p in procs or p == self.pid:
+                    continue
+                if p not in self._cmd:
+                    self._cmd[p] = _cmdline(p)
+                if self.session in self._cmd[p]:
+                    procs.add(p)
+        for p in list(self._cmd):
+            if p not in parents:
+                del self._cmd[p]
+        return sorted(procs)
+
+    def sample(self) -> None:
+        driver_rss = rss_kb(self.pid)
+        if not driver_rss:
+            return
+        procs = self._job_processes()
+        split: dict[str, int] = {}
+        workers_rss = 0
+        for p in procs:
+            kind = kind_of(self._cmd.get(p) or _cmdline(p))
+            split[kind] = split.get(kind, 0) + pss_kb(p)
+            if kind == "workers":
+                workers_rss += rss_kb(p)
+        ray_pss = sum(split.values())
+        whole = driver_rss + ray_pss
+        self.driver_peak_kb = max(self.driver_peak_kb, hwm_kb(self.pid), driver_rss)
+        self.workers_rss_peak_kb = max(self.workers_rss_peak_kb, workers_rss)
+        self.workers_pss_peak_kb = max(self.workers_pss_peak_kb, split.get("workers", 0))
+        self.ray_pss_peak_kb = max(self.ray_pss_peak_kb, ray_pss)
+        self.whole_pss_peak_kb = max(self.whole_pss_peak_kb, pss_kb(self.pid) + ray_pss)
+        if whole > self.whole_peak_kb:
+            self.whole_peak_kb, self.whole_peak_at = whole, time.time()
+            self.whole_peak_split_kb = {"driver_rss": driver_rss, **split}
+        self.processes_max = max(self.processes_max, len(procs))
+        self.workers_max = max(self.workers_max, sum(1 for p in procs if kind_of(self._cmd.get(p, "")) == "workers"))
+        self.samples += 1
+
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self.driver_peak_kb = max(self.driver_peak_kb, hwm_kb(self.pid), rss_kb(self.pid))
-            workers = [p for p in descendants(self.pid) if _cmdline(p).startswith("ray::")]
-            self.workers_max = max(self.workers_max, len(workers))
-            self.workers_rss_peak_kb = max(self.workers_rss_peak_kb, sum(rss_kb(p) for p in workers))
-            self.workers_pss_peak_kb = max(self.workers_pss_peak_kb, sum(pss_kb(p) for p in workers))
-            self.samples += 1
+            try:
+                self.sample()
+            except Exception:  # a process vanished mid-read: skip this sample
+                pass
             self._stop.wait(self.interval)
 
-    def figures(self) -> dict[str, float]:
+    def figures(self) -> dict[str, object]:
+        mib = 1 / 1024
         return {
-            "driver_peak_rss_polled_mib": round(self.driver_peak_kb / 1024, 1),
-            "ray_workers_peak_rss_sum_mib": round(self.workers_rss_peak_kb / 1024, 1),
-            "ray_workers_peak_pss_sum_mib": round(self.workers_pss_peak_kb / 1024, 1),
+            "whole_job_peak_mib": round(self.whole_peak_kb * mib, 1),
+            "whole_job_peak_split_mib": {k: round(v * mib, 1) for k, v in self.whole_peak_split_kb.items()},
+            "whole_job_peak_unix": round(self.whole_peak_at, 3),
+            "whole_job_peak_all_pss_mib": round(self.whole_pss_peak_kb * mib, 1),
+            "ray_processes_peak_pss_sum_mib": round(self.ray_pss_peak_kb * mib, 1),
+            "driver_peak_rss_polled_mib": round(self.driver_peak_kb * mib, 1),
+            "ray_workers_peak_rss_sum_mib": round(self.workers_rss_peak_kb * mib, 1),
+            "ray_workers_peak_pss_sum_mib": round(self.workers_pss_peak_kb * mib, 1),
+            "ray_processes_max": self.processes_max,
             "ray_workers_max": self.workers_max,
+            "ray_session": self.session,
             "samples": self.samples,
         }

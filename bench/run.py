@@ -1,16 +1,20 @@
 """``make bench``: measure geoseg and write ``bench/results.json`` and ``bench/RESULTS.md``.
 
-Three benchmarks, each in subprocesses so that peak memory is that of one run:
+Sections (each measurement in its own subprocess, so a peak is one run's; see ``bench/README.md``):
 
-- ``memory``: the full pipeline (trivial model) on synthetic rasters of two sizes (default
-  10000^2 and 20000^2); the driver's peak RSS must stay under 1.5 GB and not grow with size;
-- ``throughput``: the pipeline with a real network (smp U-Net/ResNet-18, random weights) against
-  the same network alone in a loop (same batch, same padded tile side, same thread count), and
-  the pipeline with the trivial model on the same tiles (its own ceiling);
-- ``instances``: instance decoding + vectorising + seam merging (+ GeoPackage export) on
-  planted scenes of two sizes (the larger with >= 50,000 objects): time, memory, linearity.
+- ``trivial``: the pipeline's own ceiling (1x1-conv model, 8192^2, 2 CPUs): Mpx/s steady and end
+  to end, whole-job peak memory (driver RSS + PSS of every Ray process);
+- ``unet``: U-Net ResNet-18 on 4096^2: the model alone on all cores, the pipeline, their ratio,
+  and the peer (geoai-py ``predict_geotiff``, same network and weights) in a throw-away venv;
+- ``driver_cpu``: three trivial heads (semantic + two instance) at 2048^2 and 4096^2: driver CPU
+  seconds per extra megapixel;
+- ``start``: first tile and end to end of ``geoseg run`` on a 1024^2 image with the default config;
+- ``worldcover``: the 36000^2 ESA WorldCover tile (trivial model): memory against the 8192^2 run;
+- ``instances``: instance decoding + vectorising + seam merging + export on planted scenes.
 
-Usage: ``python -m bench.run --out bench/results.json [--only memory,throughput] [--quick]``.
+``bench/gpu.py`` writes a ``gpu`` section into the same JSON (on a CUDA machine).
+
+Usage: ``python -m bench.run --out bench/results.json [--only trivial,unet] [--quick] [--keep-scratch]``.
 """
 
 from __future__ import annotations
@@ -21,25 +25,31 @@ import json
 import os
 import platform
 import shutil
-import statistics
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from bench.procmon import Monitor
+from bench.procmon import Monitor, descendants
 from bench.rasters import write_raster
 from bench.report import write_markdown
 
 REPO = Path(__file__).resolve().parents[1]
 SCRATCH = REPO / "bench" / "scratch"
+PEER_VENV = SCRATCH / "peer-venv"
+DEFAULT_CONFIG = REPO / "configs" / "default.yaml"
+WORLDCOVER_DIR = REPO.parent / "shared" / "data" / "esa_worldcover"
 TRIVIAL = "bench/models.py:trivial_semantic"
 UNET_FILE, UNET_MODULE = "bench/models.py:unet_resnet18", "bench.models:unet_resnet18"
-BOUND_MB = 1500.0  # 1.5 GB (decimal), the driver's budget
-PIXEL_SIZE_M = 10.0  # synthetic rasters: 10 m pixels (Sentinel-2 class), planar UTM -> 100 m^2 per pixel
-SECTIONS = ("memory", "throughput", "instances")
+BOUND_MIB = round(1.5e9 / 2**20, 1)  # 1.5 GB (decimal) = 1430.5 MiB
+PIXEL_SIZE_M = 10.0  # synthetic rasters: 10 m pixels, planar UTM
+SECTIONS = ("trivial", "unet", "driver_cpu", "start", "worldcover", "instances")
+KEPT = (*SECTIONS, "gpu")  # sections of results.json kept when not re-run (others are superseded: dropped)
+CLASSES5 = ["c0", "c1", "c2", "c3", "c4"]
 
 
 def log(msg: str) -> None:
@@ -62,7 +72,7 @@ def _version(dist: str) -> str | None:
 
 def machine_info() -> dict[str, Any]:
     """Cores, RAM, versions, device. Heavy imports (torch, GDAL) run in a throw-away subprocess so
-    this process stays small: a child forked from a big parent reports the parent's size in ru_maxrss."""
+    this process stays small."""
     mem_kb = 0
     for line in Path("/proc/meminfo").read_text().splitlines():
         if line.startswith("MemTotal:"):
@@ -89,12 +99,11 @@ def machine_info() -> dict[str, Any]:
         "rasterio": _version("rasterio"),
         "gdal": extra.get("gdal"),
         "numpy": _version("numpy"),
-        "shapely": _version("shapely"),
         "segmentation_models_pytorch": _version("segmentation-models-pytorch"),
         "os": platform.platform(),
         "git_commit": _git("rev-parse", "--short", "HEAD"),
         "geoseg_uncommitted_files": [ln[3:] for ln in status.splitlines() if ln.strip()],
-        "GDAL_CACHEMAX_env": os.environ.get("GDAL_CACHEMAX"),
+        "load_avg_at_start": _load(),
     }
 
 
@@ -102,22 +111,33 @@ def _load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def _child(module: str, args: list[str], monitor: bool = False, timeout: int = 1200) -> dict[str, Any]:
+def _kill_tree(pid: int) -> None:
+    """Kill a child and everything it started (by pid: Ray's processes included)."""
+    for p in [*descendants(pid), pid]:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def _child(module: str, args: list[str], monitor: bool = False, timeout: int = 1500,
+           python: str | None = None) -> dict[str, Any]:
     """Run ``python -m module args --json tmp``; returns its JSON (plus the monitor's figures)."""
     fd, tmp = tempfile.mkstemp(suffix=".json", dir=SCRATCH)
     os.close(fd)
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", module, *args, "--json", tmp]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    cmd = [python or sys.executable, "-m", module, *args, "--json", tmp]
     started = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     mon = Monitor(proc.pid) if monitor else None
+    err = ""
     try:
         if mon:
             mon.__enter__()
         try:
             _, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            _kill_tree(proc.pid)
             _, err = proc.communicate()
             return {"error": f"timed out after {timeout} s", "stderr_tail": (err or "")[-2000:]}
     finally:
@@ -136,92 +156,304 @@ def _child(module: str, args: list[str], monitor: bool = False, timeout: int = 1
     return out
 
 
-def _pipeline(raster: Path, factory: str, tile: int, halo: int, batch: int, tag: str) -> dict[str, Any]:
+def semantic_config(factory: str, tile: int, halo: int, batch: int, bands: list[int] | None = None,
+                    device: str = "cpu") -> dict[str, Any]:
+    return {"tiling": {"tile_size": tile, "halo": halo}, "runtime": {"batch_size": batch, "device": device},
+            "models": {"landuse": {"task": "semantic", "classes": CLASSES5, "bands": bands or [1, 2, 3],
+                                   "normalize": {"scale": 255.0}, "factory": factory}}}
+
+
+def three_heads_config() -> dict[str, Any]:
+    """Land use (semantic, 5 classes) + buildings (instance, body/border/contact) + ships (instance, body);
+    1x1-convolution heads of bench/models.py; default tiling (512 + 64) and batch size."""
+    common = {"bands": [1, 2, 3], "normalize": {"scale": 255.0}}
+    return {"runtime": {"device": "cpu"}, "models": {
+        "landuse": {"task": "semantic", "classes": ["water", "forest", "cropland", "urban", "bare"],
+                    "factory": "bench/models.py:landuse_blocks", **common},
+        "buildings": {"task": "instance", "classes": ["building"], "channels": ["body", "border", "contact"],
+                      "factory": "bench/models.py:buildings_blocks", **common},
+        "ships": {"task": "instance", "classes": ["ship"], "channels": ["body"],
+                  "factory": "bench/models.py:ships_blocks", **common}}}
+
+
+def pipeline(rasters: list[Path], config: dict[str, Any], tag: str, num_cpus: int | None = None,
+             monitor: bool = True, timeout: int = 1500) -> dict[str, Any]:
+    """One ``geoseg.pipeline.run`` in a child process (``bench/child_pipeline.py``)."""
     out_dir = SCRATCH / f"out-{tag}"
     shutil.rmtree(out_dir, ignore_errors=True)
-    res = _child("bench.child_pipeline", ["--input", str(raster), "--out", str(out_dir), "--factory", factory,
-                                          "--tile-size", str(tile), "--halo", str(halo), "--batch-size", str(batch)],
-                 monitor=True)
+    cfg = SCRATCH / f"config-{tag}.json"
+    cfg.write_text(json.dumps(config, indent=2))
+    args = ["--out", str(out_dir), "--config", str(cfg), "--base-dir", str(REPO)]
+    for r in rasters:
+        args += ["--input", str(r)]
+    if num_cpus is not None:
+        args += ["--num-cpus", str(num_cpus)]
+    load = _load()
+    res = _child("bench.child_pipeline", args, monitor=monitor, timeout=timeout)
+    res.update(load_avg_before=load, load_avg_after=_load())
+    summaries = sorted(out_dir.glob("*/summary.json"))
+    if summaries:
+        try:
+            models = json.loads(summaries[0].read_text()).get("models", {})
+            res["outputs"] = {m: {c: v.get("count", v.get("pixels")) for c, v in d.get("classes", {}).items()}
+                              for m, d in models.items()}
+        except (OSError, ValueError, AttributeError):
+            pass
     shutil.rmtree(out_dir, ignore_errors=True)
+    cfg.unlink(missing_ok=True)
     if "error" not in res and not res.get("ok"):
         res["error"] = "; ".join(f"{p}: {e}" for p, e in res.get("failures", [])) or "run not ok"
     return res
 
 
-def bench_memory(sizes: list[int], tile: int, halo: int, batch: int) -> dict[str, Any]:
+def check(what: str, figure: Any, unit: str = "", target: str | None = None) -> dict[str, Any]:
+    """One row of a section's table: ``target`` like ``">= 8"`` or ``"<= 1430.5"`` (None: information)."""
+    ok = None
+    if target is not None and isinstance(figure, (int, float)) and not isinstance(figure, bool):
+        op, bound = target.split()
+        ok = figure >= float(bound) if op == ">=" else figure <= float(bound)
+    elif target is not None and isinstance(figure, bool):
+        ok = figure
+    return {"what": what, "figure": figure, "unit": unit, "target": target, "pass": ok}
+
+
+def ratio(a: Any, b: Any, nd: int = 3) -> float | None:
+    """a / b when both are numbers and b is not 0, else None."""
+    num = (int, float)
+    if isinstance(a, num) and isinstance(b, num) and not isinstance(a, bool) and not isinstance(b, bool) and b:
+        return round(a / b, nd)
+    return None
+
+
+def _get(d: dict[str, Any], key: str) -> Any:
+    return None if "error" in d else d.get(key)
+
+
+# --------------------------------------------------------------------------------------------- sections
+
+
+def bench_trivial(size: int) -> dict[str, Any]:
+    tile, halo, batch = 1024, 64, 4
+    raster = write_raster(SCRATCH / f"syn-{size}.tif", size, pixel_size=PIXEL_SIZE_M)
+    log(f"trivial: pipeline, 1x1-conv model, {size}^2, 2 CPUs")
+    run = pipeline([raster], semantic_config(TRIVIAL, tile, halo, batch), f"trivial-{size}", num_cpus=2)
+    log(f"trivial: {_get(run, 'mpx_per_s_steady')} Mpx/s steady, {_get(run, 'mpx_per_s_end_to_end')} end to end,"
+        f" whole job peak {_get(run, 'whole_job_peak_mib')} MiB {run.get('error', '')}")
+    checks = [
+        check("Mpx/s steady (core px after the first progress entry / first to last entry)",
+              _get(run, "mpx_per_s_steady"), "Mpx/s", ">= 8"),
+        check("Mpx/s end to end (core Mpx / run() wall)", _get(run, "mpx_per_s_end_to_end"), "Mpx/s", ">= 5"),
+        check("whole-job peak: driver RSS + PSS of every Ray process", _get(run, "whole_job_peak_mib"), "MiB",
+              f"<= {BOUND_MIB}"),
+        check("driver peak RSS (VmHWM)", _get(run, "driver_peak_rss_mib"), "MiB"),
+        check("Ray processes, peak PSS sum", _get(run, "ray_processes_peak_pss_sum_mib"), "MiB"),
+        check("first tile after run() began", _get(run, "first_tile_s"), "s"),
+        check("run() wall", _get(run, "wall_s"), "s"),
+    ]
+    return {"title": "Pipeline ceiling: trivial model", "checks": checks, "run": run,
+            "parameters": {"size": size, "tile_size": tile, "halo": halo, "batch_size": batch, "model": TRIVIAL,
+                           "ray_cpus": 2, "device": "cpu",
+                           "raster": "synthetic 3-band uint8, deflate, 512 blocks, 10 m UTM (bench/rasters.py)"}}
+
+
+def bench_unet(size: int, batches: int) -> dict[str, Any]:
+    tile, halo, batch, overlap = 512, 32, 4, 64
+    raster = write_raster(SCRATCH / f"syn-{size}.tif", size, pixel_size=PIXEL_SIZE_M)
+    state = SCRATCH / "unet-resnet18-state.pt"
+    threads = os.cpu_count() or 1
+    log(f"unet: model alone, {threads} threads, {batches} batches of {batch} at the padded side")
+    alone = _child("bench.child_model", ["--factory", UNET_MODULE, "--tile-size", str(tile), "--halo", str(halo),
+                                         "--batch-size", str(batch), "--threads", str(threads),
+                                         "--batches", str(batches), "--save-state", str(state)])
+    log(f"unet: pipeline, {size}^2")
+    pipe = pipeline([raster], semantic_config(UNET_FILE, tile, halo, batch), f"unet-{size}")
+    log("unet: peer environment (geoai-py)")
+    from bench.peer import ensure_peer_venv
+
+    env = ensure_peer_venv(PEER_VENV)
+    peer: dict[str, Any]
+    if "error" in env:
+        peer = {"error": env["error"]}
+    elif not state.exists():
+        peer = {"error": "no saved U-Net state_dict (the model-alone run failed)"}
+    else:
+        log(f"unet: peer, geoai-py {env['geoai_version']} predict_geotiff, tile {tile} overlap {overlap}")
+        out_tif = SCRATCH / f"peer-{size}.tif"
+        load = _load()
+        peer = _child("bench.child_peer", ["--input", str(raster), "--output", str(out_tif), "--state", str(state),
+                                           "--tile-size", str(tile), "--overlap", str(overlap),
+                                           "--batch-size", str(batch)], python=env["python"])
+        peer.update(load_avg_before=load, load_avg_after=_load())
+        out_tif.unlink(missing_ok=True)
+    alone_mpx = _get(alone, "mpx_per_s")
+    e2e, steady = _get(pipe, "mpx_per_s_end_to_end"), _get(pipe, "mpx_per_s_steady")
+    geoai_s, geoseg_s = _get(peer, "call_s"), _get(pipe, "wall_s")
+    same_weights = (None if "error" in alone or "error" in peer
+                    else alone.get("weights_digest") == peer.get("weights_digest"))
+    checks = [
+        check(f"U-Net alone, {threads} threads (all cores), forward + argmax, median batch", alone_mpx, "Mpx/s"),
+        check("pipeline, end to end (core Mpx / run() wall)", e2e, "Mpx/s"),
+        check("pipeline, steady", steady, "Mpx/s"),
+        check("pipeline / model alone, end to end", ratio(e2e, alone_mpx), "", ">= 0.65"),
+        check("pipeline / model alone, steady", ratio(steady, alone_mpx), ""),
+        check("geoseg run() wall", geoseg_s, "s"),
+        check(f"geoai-py {env.get('geoai_version', '?')} predict_geotiff wall (the call)", geoai_s, "s"),
+        check("geoseg / geoai speed (geoai call s / geoseg run() s)", ratio(geoai_s, geoseg_s), "x"),
+        check("geoseg / geoai speed, whole processes, Popen to exit (imports, Ray start/stop included)",
+              ratio(_get(peer, "process_wall_s"), _get(pipe, "process_wall_s")), "x"),
+        check("same weights in the model-alone and the peer run (state_dict digest)", same_weights, "", "yes"),
+    ]
+    return {"title": "U-Net ResNet-18: pipeline vs the model alone vs geoai-py", "checks": checks,
+            "model_alone": alone, "pipeline": pipe, "peer": peer, "peer_env": env,
+            "parameters": {"size": size, "tile_size": tile, "halo": halo, "batch_size": batch,
+                           "padded_side": alone.get("padded_side"), "model_alone_threads": threads,
+                           "model": "smp.Unet('resnet18', encoder_weights=None, in_channels=3, classes=5), seed 0",
+                           "pipeline_ray_cpus": "all (run() starts Ray)", "device": "cpu",
+                           "peer": f"geoai-py predict_geotiff, tile {tile}, overlap {overlap}, batch {batch}, "
+                                   "spline blending (default), argmax postprocess, uint8 out",
+                           "peer_call": peer.get("call")}}
+
+
+def bench_driver_cpu(sizes: list[int]) -> dict[str, Any]:
     runs = []
     for size in sizes:
-        raster = write_raster(SCRATCH / f"mem-{size}.tif", size, pixel_size=PIXEL_SIZE_M)
-        log(f"memory: pipeline, trivial model, {size} x {size} ({(-(-size // tile)) ** 2} tiles)")
-        load = _load()
-        res = _pipeline(raster, TRIVIAL, tile, halo, batch, f"mem-{size}")
-        res.update(size=size, megapixels=size * size / 1e6, load_avg_before=load, load_avg_after=_load())
+        raster = write_raster(SCRATCH / f"syn-{size}.tif", size, pixel_size=PIXEL_SIZE_M)
+        log(f"driver_cpu: three heads, {size}^2")
+        res = pipeline([raster], three_heads_config(), f"cpu-{size}", monitor=False)
+        res["size"] = size
         runs.append(res)
-        log(f"memory: {size}^2 -> driver peak {res.get('driver_peak_rss_mib')} MiB, {res.get('wall_s')} s")
-        raster.unlink(missing_ok=True)
-    mib = 1e6 / 2**20
+        log(f"driver_cpu: {size}^2 -> driver CPU {_get(res, 'driver_cpu_s')} s, wall {_get(res, 'wall_s')} s"
+            f" {res.get('error', '')}")
     ok = [r for r in runs if "error" not in r]
-    figures: dict[str, Any] = {"bound_mib": round(BOUND_MB * mib, 1)}
-    if ok:
-        peaks = [r["driver_peak_rss_mib"] for r in ok]
-        figures["driver_peak_rss_mib"] = {str(r["size"]): r["driver_peak_rss_mib"] for r in ok}
-        figures["driver_peak_under_bound"] = max(peaks) < BOUND_MB * mib
-        figures["ray_workers_peak_pss_sum_mib"] = {str(r["size"]): r.get("ray_workers_peak_pss_sum_mib") for r in ok}
-    if len(ok) >= 2:
-        small, big = ok[0], ok[-1]
-        growth = big["driver_peak_rss_mib"] - small["driver_peak_rss_mib"]
-        figures["peak_growth_mib"] = round(growth, 1)
-        figures["pixels_ratio"] = round(big["megapixels"] / small["megapixels"], 2)
-        # Flat: the bigger raster adds less than 10% of the smaller run's peak.
-        figures["flat_in_raster_size"] = growth < 0.1 * small["driver_peak_rss_mib"]
-    return {"parameters": {"sizes": sizes, "tile_size": tile, "halo": halo, "batch_size": batch, "model": TRIVIAL,
-                           "pixel_size_m": PIXEL_SIZE_M, "raster": "synthetic 3-band uint8, deflate, 512 tiles"},
-            "runs": runs, "figures": figures}
+    per_mpx = None
+    if len(ok) == 2:
+        small, big = ok
+        per_mpx = round((big["driver_cpu_s"] - small["driver_cpu_s"])
+                        / (big["core_megapixels"] - small["core_megapixels"]), 5)
+    checks = [check("driver CPU per extra Mpx: (cpu_big - cpu_small) / (Mpx_big - Mpx_small)", per_mpx, "s/Mpx",
+                    "<= 0.01")]
+    for r in runs:
+        checks.append(check(f"driver CPU (user + sys) around run(), {r['size']}^2", _get(r, "driver_cpu_s"), "s"))
+        checks.append(check(f"run() wall, {r['size']}^2", _get(r, "wall_s"), "s"))
+    return {"title": "Driver CPU per megapixel (three heads)", "checks": checks, "runs": runs,
+            "parameters": {"sizes": sizes, "tile_size": 512, "halo": 64, "batch_size": "default (8)",
+                           "heads": "landuse semantic 5 classes (landuse_blocks), buildings instance "
+                                    "[body, border, contact] (buildings_blocks), ships instance [body] (ships_blocks)",
+                           "device": "cpu", "ray_cpus": "all (run() starts Ray)"}}
 
 
-def bench_throughput(width: int, height: int, tile: int, halo: int, batch: int, batches: int) -> dict[str, Any]:
-    raster = write_raster(SCRATCH / f"tp-{width}x{height}.tif", width, height, pixel_size=PIXEL_SIZE_M)
-    tiles = (-(-width // tile)) * (-(-height // tile))
-    margs = ["--factory", UNET_MODULE, "--tile-size", str(tile), "--halo", str(halo), "--batch-size", str(batch)]
+def bench_start() -> dict[str, Any]:
+    img = SCRATCH / "start-1024.tif"
+    geoseg_exe = Path(sys.executable).parent / "geoseg"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    t = time.monotonic()
+    synth = subprocess.run([str(geoseg_exe), "synth", str(img), "--size", "1024", "--seed", "1"], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=600)
+    synth_s = round(time.monotonic() - t, 2)
+    if synth.returncode:
+        return {"title": "Start-up", "error": f"geoseg synth failed: {synth.stderr[-1500:]}", "checks": []}
+    log("start: the CLI's run, in a child that reads its own start time")
+    out_a = SCRATCH / "out-start-child"
+    shutil.rmtree(out_a, ignore_errors=True)
     load = _load()
-    log(f"throughput: U-Net alone, 1 thread, {batches} batches of {batch}")
-    alone_before = _child("bench.child_model", [*margs, "--threads", "1", "--batches", str(batches)])
-    log(f"throughput: pipeline, U-Net, {width} x {height} ({tiles} tiles)")
-    pipe_unet = _pipeline(raster, UNET_FILE, tile, halo, batch, "tp-unet")
-    log("throughput: pipeline, trivial model, same tiles")
-    pipe_trivial = _pipeline(raster, TRIVIAL, tile, halo, batch, "tp-trivial")
-    log("throughput: U-Net alone again (1 thread), and with 2 threads")
-    alone_after = _child("bench.child_model", [*margs, "--threads", "1", "--batches", "1"])
-    alone_2t = _child("bench.child_model", [*margs, "--threads", "2", "--batches", "1"])
-    raster.unlink(missing_ok=True)
-    batch_times = alone_before.get("batch_seconds", []) + alone_after.get("batch_seconds", [])
-    figures: dict[str, Any] = {}
-    px_area = PIXEL_SIZE_M**2
-    if batch_times:
-        alone = batch * tile**2 / statistics.median(batch_times) / 1e6
-        figures["model_alone_1thread_mpx_s"] = round(alone, 4)
-        if "mpx_per_s" in alone_2t:
-            figures["model_alone_2threads_mpx_s"] = alone_2t["mpx_per_s"]
-        if "error" not in pipe_unet:
-            figures["pipeline_unet_mpx_s_steady"] = pipe_unet["mpx_per_s_steady"]
-            figures["pipeline_unet_mpx_s_end_to_end"] = pipe_unet["mpx_per_s_end_to_end"]
-            figures["ratio_pipeline_to_model_alone_steady"] = round(pipe_unet["mpx_per_s_steady"] / alone, 3)
-            figures["ratio_pipeline_to_model_alone_end_to_end"] = round(pipe_unet["mpx_per_s_end_to_end"] / alone, 3)
-            figures["pipeline_unet_km2_h_steady"] = round(pipe_unet["mpx_per_s_steady"] * 1e6 * px_area * 3600 / 1e6, 1)
-    if "error" not in pipe_trivial:
-        figures["pipeline_trivial_mpx_s_steady"] = pipe_trivial["mpx_per_s_steady"]
-        figures["pipeline_trivial_mpx_s_end_to_end"] = pipe_trivial["mpx_per_s_end_to_end"]
-        figures["pipeline_trivial_km2_h_steady"] = round(pipe_trivial["mpx_per_s_steady"] * px_area * 3600, 1)
-    return {
-        "parameters": {"width": width, "height": height, "tiles": tiles, "tile_size": tile, "halo": halo,
-                       "batch_size": batch, "model": "smp.Unet('resnet18', encoder_weights=None, in_channels=3, classes=5)",
-                       "actor_torch_threads": 1, "pixel_size_m": PIXEL_SIZE_M,
-                       "steady": "core Mpx of tiles after the first batch / time from the first batch's arrival to the last tile",
-                       "end_to_end": "core Mpx / wall time of geoseg.pipeline.run (model check, actor start, COG finish included)"},
-        "load_avg_before": load, "load_avg_after": _load(),
-        "model_alone_1thread": [alone_before, alone_after], "model_alone_2threads": alone_2t,
-        "pipeline_unet": pipe_unet, "pipeline_trivial": pipe_trivial, "figures": figures,
-    }
+    child = _child("bench.child_start", ["--input", str(img), "--out", str(out_a), "--config", str(DEFAULT_CONFIG)])
+    child.update(load_avg_before=load, load_avg_after=_load())
+    shutil.rmtree(out_a, ignore_errors=True)
+    log("start: the real command, Popen to exit")
+    out_b = SCRATCH / "out-start-cli"
+    shutil.rmtree(out_b, ignore_errors=True)
+    load = _load()
+    # `geoseg run IMAGE --out DIR -q`; where -q is only an option of the `geoseg` group (it is at
+    # 19b7d18), click refuses it at once (exit 2) and the command is `geoseg -q run IMAGE --out DIR`.
+    for args in (["run", str(img), "--out", str(out_b), "-q"], ["-q", "run", str(img), "--out", str(out_b)]):
+        t = time.monotonic()
+        proc = subprocess.run([str(geoseg_exe), *args], cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=900)
+        wall = round(time.monotonic() - t, 3)
+        if not (proc.returncode == 2 and "No such option" in proc.stderr):
+            break
+    cmd = " ".join(["geoseg", *args]).replace(str(img), img.name).replace(str(out_b), out_b.name)
+    cli = {"command": cmd, "wall_s": wall, "exit_code": proc.returncode,
+           "stdout_tail": proc.stdout[-500:], "stderr_tail": proc.stderr[-1500:],
+           "load_avg_before": load, "load_avg_after": _load()}
+    shutil.rmtree(out_b, ignore_errors=True)
+    log(f"start: first tile {_get(child, 'first_tile_s')} s from process start; CLI {cli['wall_s']} s"
+        f" (exit {proc.returncode})")
+    checks = [
+        check("first tile, from process start (geoseg run's code path, default config)",
+              _get(child, "first_tile_s"), "s", "<= 10"),
+        check("the real command (below), Popen to exit",
+              cli["wall_s"] if proc.returncode == 0 else None, "s", "<= 20"),
+        check("command timed", cli["command"], ""),
+        check("same code path: process start to run() returned", _get(child, "total_s"), "s"),
+        check("process start to run() began (interpreter, imports, config)", _get(child, "imports_s"), "s"),
+    ]
+    return {"title": "Start-up: first tile and end to end from the command", "checks": checks,
+            "child": child, "cli": cli, "synth_s": synth_s,
+            "parameters": {"image": "geoseg synth --size 1024 --seed 1", "config": "configs/default.yaml",
+                           "order": "child first, then the CLI (both with warm file caches after the other sections)"}}
+
+
+def _worldcover_input(quick: bool) -> Path | None:
+    found = sorted(WORLDCOVER_DIR.glob("*.tif"))
+    if not found:
+        return None
+    if not quick:
+        return found[0]
+    import numpy as np  # noqa: F401
+    import rasterio
+    from rasterio.windows import Window
+
+    crop = SCRATCH / "worldcover-crop-4096.tif"
+    if not crop.exists():
+        with rasterio.open(found[0]) as src:
+            win = Window(11000, 12000, 4096, 4096)  # a window with land in N00E006
+            profile = {**src.profile, "width": 4096, "height": 4096, "transform": src.window_transform(win)}
+            with rasterio.open(crop, "w", **profile) as dst:
+                dst.write(src.read(window=win))
+    return crop
+
+
+def bench_worldcover(quick: bool, reference: dict[str, Any] | None) -> dict[str, Any]:
+    tile, halo, batch = 1024, 64, 4
+    src = _worldcover_input(quick)
+    if src is None:
+        return {"title": "ESA WorldCover 36000^2", "skipped": f"not found: no .tif in {WORLDCOVER_DIR}", "checks": []}
+    import rasterio
+
+    with rasterio.open(src) as ds:
+        shape = (ds.width, ds.height, ds.count, str(ds.dtypes[0]), ds.nodata, str(ds.crs))
+    log(f"worldcover: {src.name} ({shape[0]} x {shape[1]}), trivial model, bands [1, 1, 1], 2 CPUs")
+    run = pipeline([src], semantic_config(TRIVIAL, tile, halo, batch, bands=[1, 1, 1]), "worldcover", num_cpus=2,
+                   timeout=2400)
+    log(f"worldcover: whole job peak {_get(run, 'whole_job_peak_mib')} MiB, driver peak"
+        f" {_get(run, 'driver_peak_rss_mib')} MiB, wall {_get(run, 'wall_s')} s {run.get('error', '')}")
+    ref_run = (reference or {}).get("run", {}) if reference else {}
+    ref_size = (reference or {}).get("parameters", {}).get("size")
+
+    def vs(key: str) -> Any:
+        return ratio(_get(run, key), _get(ref_run, key) if ref_run else None)
+
+    ref = f"the {ref_size}^2 trivial run" if ref_size else "the trivial run (not available)"
+    checks = [
+        check("whole-job peak: driver RSS + PSS of every Ray process", _get(run, "whole_job_peak_mib"), "MiB",
+              f"<= {BOUND_MIB}"),
+        check(f"whole-job peak / that of {ref}", vs("whole_job_peak_mib"), "x", "<= 1.1"),
+        check("driver peak RSS (VmHWM)", _get(run, "driver_peak_rss_mib"), "MiB"),
+        check(f"driver peak RSS / that of {ref}", vs("driver_peak_rss_mib"), "x", "<= 1.1"),
+        check("run() wall", _get(run, "wall_s"), "s"),
+        check("tiles in the raster / tile results that reached the writer (all-nodata tiles skipped)",
+              f"{_get(run, 'tiles')} / {_get(run, 'progress_entries')} entries, "
+              f"{_get(run, 'core_megapixels_progress')} Mpx", ""),
+        check("Mpx/s end to end (all core pixels, nodata included)", _get(run, "mpx_per_s_end_to_end"), "Mpx/s"),
+    ]
+    return {"title": "Memory on the 36000^2 ESA WorldCover tile", "checks": checks, "run": run,
+            "reference": {"size": ref_size, "whole_job_peak_mib": ref_run.get("whole_job_peak_mib"),
+                          "driver_peak_rss_mib": ref_run.get("driver_peak_rss_mib")},
+            "parameters": {"input": str(src.relative_to(REPO.parent)) if src.is_relative_to(REPO.parent) else str(src),
+                           "width": shape[0], "height": shape[1], "count": shape[2], "dtype": shape[3],
+                           "nodata": shape[4], "crs": shape[5], "bands": [1, 1, 1], "tile_size": tile, "halo": halo,
+                           "batch_size": batch, "model": TRIVIAL, "ray_cpus": 2}}
 
 
 def bench_instances(sizes: list[int], tile: int, halo: int) -> dict[str, Any]:
@@ -235,7 +467,8 @@ def bench_instances(sizes: list[int], tile: int, halo: int) -> dict[str, Any]:
         res.update(load_avg_before=load, load_avg_after=_load())
         gpkg.unlink(missing_ok=True)
         runs.append(res)
-        log(f"instances: {size}^2 -> {res.get('objects_emitted')} objects, {res.get('seconds', {}).get('total')} s")
+        log(f"instances: {size}^2 -> {res.get('objects_emitted')} objects, {res.get('seconds', {}).get('total')} s"
+            f" {res.get('error', '')}")
     ok = [r for r in runs if "error" not in r]
     figures: dict[str, Any] = {}
     if ok:
@@ -247,10 +480,56 @@ def bench_instances(sizes: list[int], tile: int, halo: int) -> dict[str, Any]:
         figures["time_ratio"] = round(big["seconds"]["total"] / small["seconds"]["total"], 2)
         figures["us_per_object_ratio"] = round(big["us_per_object"]["total"] / small["us_per_object"]["total"], 2)
         figures["roughly_linear"] = figures["us_per_object_ratio"] < 1.5
-    return {"parameters": {"sizes": sizes, "tile_size": tile, "halo": halo, "channels": ["body"],
+    checks = [check("every planted object emitted once, exact pixel count", figures.get("all_objects_recovered"),
+                    "", "yes"),
+              check("per-object cost, larger / smaller scene", figures.get("us_per_object_ratio"), "x", "<= 1.5")]
+    for r in ok:
+        checks.append(check(f"{r['size']}^2: {r['objects_planted']:,} objects, total", r["seconds"]["total"], "s"))
+    return {"title": "Instance decoding + vectorising + seam merging + export", "checks": checks,
+            "parameters": {"sizes": sizes, "tile_size": tile, "halo": halo, "channels": ["body"],
                            "objects": "jittered 40 px grid, 65% filled, 6-24 px boxes, ~2% 100-320 px long",
                            "pixel_size_m": 0.5},
             "runs": runs, "figures": figures}
+
+
+# --------------------------------------------------------------------------------------------- main
+
+
+def load_results(path: Path) -> dict[str, Any]:
+    """The JSON so far, without superseded sections (kept: this run's sections and ``gpu``)."""
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in old.items() if k in KEPT or k in ("machine", "generated", "total_seconds")}
+
+
+def write_results(results: dict[str, Any], out_path: Path) -> None:
+    """The JSON, run-level keys first, then the sections in their fixed order."""
+    head = [k for k in ("machine", "generated", "total_seconds") if k in results]
+    order = head + [k for k in KEPT if k in results] + [k for k in results if k not in head and k not in KEPT]
+    out_path.write_text(json.dumps({k: results[k] for k in order}, indent=2))
+
+
+def finish_results(results: dict[str, Any], out_path: Path) -> Path:
+    results["generated"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    write_results(results, out_path)
+    md = out_path.with_name("RESULTS.md")
+    write_markdown(results, md)
+    return md
+
+
+def clean_scratch(keep: bool) -> None:
+    """Delete scratch rasters and outputs; the peer venv (and its install log) always stays."""
+    if keep or not SCRATCH.exists():
+        return
+    for entry in SCRATCH.iterdir():
+        if entry.name in ("peer-venv", "peer-venv-install.log"):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
 
 
 def main() -> None:
@@ -258,41 +537,43 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results.json")
     ap.add_argument("--only", default=",".join(SECTIONS), help="comma-separated: " + ", ".join(SECTIONS))
     ap.add_argument("--quick", action="store_true", help="small sizes: a smoke test of the harness, not figures")
-    ap.add_argument("--keep-scratch", action="store_true")
+    ap.add_argument("--keep-scratch", action="store_true", help="keep scratch rasters and outputs (the peer venv "
+                                                                 "under bench/scratch is always kept)")
     args = ap.parse_args()
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = set(only) - set(SECTIONS)
     if unknown:
-        ap.error(f"unknown section(s): {sorted(unknown)}")
+        ap.error(f"unknown section(s): {sorted(unknown)} (the gpu section is written by python -m bench.gpu)")
     SCRATCH.mkdir(parents=True, exist_ok=True)
     out_path = Path(args.out)
-    results: dict[str, Any] = {}
-    if out_path.exists() and set(only) != set(SECTIONS):
-        results = json.loads(out_path.read_text())  # keep the sections not re-run
+    results = load_results(out_path)
     started = time.monotonic()
     machine = machine_info()
     results["machine"] = machine
-    results["quick"] = args.quick
     q = args.quick
-    for section in only:
+    plans: dict[str, Callable[[], dict[str, Any]]] = {
+        "trivial": lambda: bench_trivial(2048 if q else 8192),
+        "unet": lambda: bench_unet(1024 if q else 4096, 2 if q else 5),
+        "driver_cpu": lambda: bench_driver_cpu([1024, 2048] if q else [2048, 4096]),
+        "start": bench_start,
+        "worldcover": lambda: bench_worldcover(q, results.get("trivial")),
+        "instances": lambda: bench_instances([1500, 3000] if q else [6000, 12000], 512, 64),
+    }
+    for section in [s for s in SECTIONS if s in only]:
         t = time.monotonic()
-        if section == "memory":
-            res = bench_memory([2048, 4096] if q else [10000, 20000], 1024, 64, 8)
-        elif section == "throughput":
-            res = bench_throughput(2048 if q else 4096, 1024 if q else 3072, 1024, 64, 2 if q else 4, 1 if q else 2)
-        else:
-            res = bench_instances([1500, 3000] if q else [6000, 12000], 512, 64)
-        res["machine"] = machine
-        res["seconds"] = round(time.monotonic() - t, 1)
+        load = _load()
+        try:
+            res = plans[section]()
+        except Exception as exc:  # the harness records the error and goes on with the next section
+            log(f"{section}: failed: {exc!r}")
+            res = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-4000:], "checks": []}
+        res.update(machine=machine, quick=q, load_avg_before=load, load_avg_after=_load(),
+                   seconds=round(time.monotonic() - t, 1), generated=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
         results[section] = res
-        out_path.write_text(json.dumps(results, indent=2))
+        write_results(results, out_path)
     results["total_seconds"] = round(time.monotonic() - started, 1)
-    results["generated"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-    out_path.write_text(json.dumps(results, indent=2))
-    md = out_path.with_name("RESULTS.md")
-    write_markdown(results, md)
-    if not args.keep_scratch:
-        shutil.rmtree(SCRATCH, ignore_errors=True)
+    md = finish_results(results, out_path)
+    clean_scratch(args.keep_scratch)
     log(f"wrote {out_path} and {md} in {results['total_seconds']} s")
 
 

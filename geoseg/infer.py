@@ -161,25 +161,29 @@ class Predictor:
         for name, (spec, model, positions) in self.heads.items():
             xi = x if positions == every_band else x[:, positions]
             xi = mask_invalid(_normalize(xi, spec), valid).contiguous(memory_format=torch.channels_last)
-            tta = spec.tta or self.config.runtime.tta
-            with self._autocast():
-                if spec.task == "semantic" and tta == "none":
-                    probs = model(xi)  # argmax of logits = argmax of softmax: skip the softmax
-                else:
-                    probs = predict_probs(model, xi, spec, tta)
-            if spec.task == "semantic":
-                # Crop to the largest core on the device: less to copy back.
-                side = self.config.tiling.tile_size
-                core = probs[:, :, self.halo : self.halo + side, self.halo : self.halo + side]
-                classes = core.argmax(dim=1).to(torch.uint8).cpu().numpy()
-                for k, p in enumerate(payloads):
+            out = self._head_output(spec, model, xi)
+            for k, p in enumerate(payloads):
+                if spec.task == "semantic":
                     h, w = int(p["tile"].core.height), int(p["tile"].core.width)
-                    results[k][name] = classes[k, :h, :w]
-            else:
-                scaled = (probs * 255).round().to(torch.uint8).cpu().numpy()
-                for k, p in enumerate(payloads):
-                    results[k][name] = self._crop_read(scaled[k], p["tile"])
+                    results[k][name] = out[k, :h, :w]
+                else:
+                    results[k][name] = self._crop_read(out[k], p["tile"])
         return results
+
+    def _head_output(self, spec: ModelConfig, model: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
+        """uint8 out of the device: class per core pixel (semantic), or p * 255 per channel."""
+        tta = spec.tta or self.config.runtime.tta
+        with self._autocast():
+            if spec.task == "semantic" and tta == "none":
+                probs = model(x)  # argmax of logits = argmax of softmax: skip the softmax
+            else:
+                probs = predict_probs(model, x, spec, tta)
+        if spec.task == "semantic":
+            # Crop to the largest core on the device: less to copy back.
+            side = self.config.tiling.tile_size
+            core = probs[:, :, self.halo : self.halo + side, self.halo : self.halo + side]
+            return core.argmax(dim=1).to(torch.uint8).cpu().numpy()
+        return (probs * 255).round().to(torch.uint8).cpu().numpy()
 
     def _crop_read(self, arr: np.ndarray, tile: Tile) -> np.ndarray:
         r0, c0 = read_offset(tile, self.halo)

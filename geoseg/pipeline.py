@@ -119,6 +119,12 @@ def _cpu_nodes() -> list[tuple[str, float]]:
     return sorted([n for n in nodes if n[1] >= 1], key=lambda n: -n[1])
 
 
+def _task_cpus() -> float:
+    """CPUs of a read or post-processing task: one, or half where a node has a single CPU (its
+    model actor holds the other half). One per task keeps a 2-core laptop at one task worker."""
+    return 1.0 if all(cpus >= 2 for _, cpus in _cpu_nodes()) else 0.5
+
+
 def _start_actors(config: Config) -> list[Any]:
     """One model actor per GPU; without GPUs, one per node, sized by that node's CPUs.
 
@@ -241,9 +247,7 @@ def run(inputs: list[str], out_dir: str | Path, config: Config, address: str | N
     # driver reads the inputs' headers.
     actors = _start_actors(config)
     writers = _start_writers(config, store, env)
-    warm_up = ray.remote(num_cpus=0.5)(warm_up_worker)
-    for _ in range(2):
-        warm_up.remote()
+    ray.remote(num_cpus=_task_cpus())(warm_up_worker).remote()
     try:
         with rasterio.Env(GDAL_CACHEMAX=DRIVER_GDAL_CACHE_MB):
             scenes = _open_scenes(inputs, config, store, report, resume)
@@ -285,8 +289,9 @@ class _Scheduler:
         self.writer_load = [0] * len(self.writers)  # scenes open on each writer
         self.writer_uses = [0] * len(self.writers)  # scenes given to each writer: ties go round the pool
         self.actor_load = [0] * len(actors)  # batches queued on each actor
-        self.read = ray.remote(num_cpus=0.5)(read_batch)
-        self.post = ray.remote(num_cpus=0.5)(postprocess_batch)
+        task_cpus = _task_cpus()
+        self.read = ray.remote(num_cpus=task_cpus)(read_batch)
+        self.post = ray.remote(num_cpus=task_cpus)(postprocess_batch)
         self.config_ref, self.env_ref = ray.put(config), ray.put(env)
         batch = config.runtime.batch_size
         self.limit = len(actors) * (config.runtime.batches_in_flight_per_actor + EXTRA_BATCHES_IN_FLIGHT) * batch
