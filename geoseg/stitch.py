@@ -91,7 +91,8 @@ def _merged(parts_per_object: list[list[bytes]]) -> np.ndarray:
     single = [i for i, parts in enumerate(parts_per_object) if len(parts) == 1]
     out = np.empty(len(parts_per_object), dtype=object)
     if single:
-        out[single] = shapely.simplify(shapely.from_wkb([parts_per_object[i][0] for i in single]), 0.0)
+        # GDAL's polygonize emits no collinear vertices: a single part is final as it is.
+        out[single] = shapely.from_wkb([parts_per_object[i][0] for i in single])
     for i, parts in enumerate(parts_per_object):
         if len(parts) > 1:
             out[i] = merge_parts(parts)
