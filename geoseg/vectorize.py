@@ -40,10 +40,33 @@ def label_polygons(labels: np.ndarray, row_off: int, col_off: int) -> tuple[np.n
 
 
 def merge_parts(parts: list[bytes]) -> shapely.Geometry:
-    """Union polygon parts of one object (exact on integer pixel coordinates) and drop collinear vertices."""
-    geoms = shapely.from_wkb(parts)
-    merged = geoms[0] if len(geoms) == 1 else shapely.union_all(geoms)
-    return shapely.simplify(merged, 0.0)
+    """Union polygon parts of one object (exact on integer pixel coordinates) and drop collinear vertices.
+
+    Only the parts' outer rings are unioned: a hole of a part lies strictly inside its tile's core
+    (a hole reaching the core's edge would be open to the outside), where no other part can be, so
+    it is a hole of the union as it is. A region that spans a scene with thousands of holes then
+    costs a union of simple shells (a 4096^2 land-use region with 55,206 holes: 10 s -> well under one).
+    """
+    polygons = shapely.get_parts(shapely.from_wkb(parts))
+    if len(polygons) == 1:
+        return shapely.simplify(polygons[0], 0.0)
+    holes = np.concatenate([shapely.get_rings(p)[1:] for p in polygons])
+    merged = shapely.simplify(shapely.union_all(shapely.polygons(shapely.get_exterior_ring(polygons))), 0.0)
+    if holes.size == 0:
+        return merged
+    pieces = shapely.get_parts(merged)
+    if len(pieces) == 1:
+        owner = np.zeros(len(holes), dtype=np.int64)
+    else:  # which piece each hole lies in (8-connected objects can be MultiPolygons)
+        tree = shapely.STRtree(pieces)
+        hole_idx, piece_idx = tree.query(shapely.point_on_surface(shapely.polygons(holes)), predicate="within")
+        owner = np.empty(len(holes), dtype=np.int64)
+        owner[hole_idx] = piece_idx
+    out = []
+    for k, piece in enumerate(pieces):
+        piece_holes = list(shapely.get_rings(piece)[1:]) + list(holes[owner == k])
+        out.append(shapely.polygons(shapely.get_exterior_ring(piece), holes=piece_holes) if piece_holes else piece)
+    return out[0] if len(out) == 1 else shapely.multipolygons(out)
 
 
 def to_multipolygons(geoms: np.ndarray) -> np.ndarray:

@@ -141,3 +141,26 @@ def test_seam_objects_are_released_as_their_tiles_arrive():
         assert held[row_major][-1] == 0
     # Random arrival keeps nearly every seam object open at some point; row-major keeps a front.
     assert max(held[True]) < 0.25 * max(held[False])
+
+
+def test_merge_parts_keeps_every_hole_of_a_region_split_by_seams():
+    """A region with holes inside tiles, on seams and at a four-tile corner, cut into 3 x 3 tiles:
+    merging its parts (outer rings unioned, holes carried over) equals polygonising it whole."""
+    rng = np.random.default_rng(5)
+    region = np.ones((90, 90), dtype=np.int32)
+    for _ in range(60):  # small holes everywhere, some across seams
+        r, c = rng.integers(1, 85, 2)
+        region[r : r + rng.integers(1, 4), c : c + rng.integers(1, 4)] = 0
+    region[28:33, 28:33] = 0  # across the corner of four tiles
+    region[0, :] = region[-1, :] = region[:, 0] = region[:, -1] = 1  # the region stays one piece
+    _, whole = label_polygons(region, 0, 0)
+    parts = []
+    for r in range(0, 90, 30):
+        for c in range(0, 90, 30):
+            _, wkb = label_polygons(region[r : r + 30, c : c + 30], r, c)
+            parts += wkb
+    merged = merge_parts(parts)
+    expected = shapely.from_wkb(whole)
+    assert len(expected) == 1 and shapely.get_num_interior_rings(expected[0]) > 30
+    assert merged.is_valid and merged.equals(expected[0])
+    assert shapely.get_num_interior_rings(merged) == shapely.get_num_interior_rings(expected[0])
