@@ -70,6 +70,8 @@ def main() -> None:
     ap.add_argument("--config", required=True, help="JSON file: the config dict (config_from_dict)")
     ap.add_argument("--base-dir", default=os.getcwd(), help="what relative factory paths are resolved against")
     ap.add_argument("--num-cpus", type=int, default=None, help="local Ray CPUs (default: run() decides)")
+    ap.add_argument("--idle-seconds", type=float, default=0.0,
+                    help="after run(), measure the driver's CPU while Ray is up and idle for this long")
     ap.add_argument("--json", required=True)
     args = ap.parse_args()
 
@@ -97,6 +99,13 @@ def main() -> None:
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     peak_kb = hwm_kb(os.getpid())
     parts_end = rss_parts_kb(os.getpid())
+    idle_cpu_per_s = None
+    if args.idle_seconds > 0:  # Ray's own threads in the driver: a cost per second, not per pixel
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        time.sleep(args.idle_seconds)
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        idle_cpu_per_s = round((after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+                               / args.idle_seconds, 5)
     cpus = ray.cluster_resources().get("CPU")
     gpus = ray.cluster_resources().get("GPU", 0)
     ray.shutdown()
@@ -119,6 +128,7 @@ def main() -> None:
         "driver_cpu_s": round(user + sys_, 3),
         "driver_cpu_user_s": round(user, 3),
         "driver_cpu_sys_s": round(sys_, 3),
+        "driver_idle_cpu_s_per_s": idle_cpu_per_s,
         "driver_rss_before_run_mib": round(rss_before_kb / 1024, 1),
         "driver_peak_rss_mib": round(peak_kb / 1024, 1),
         "driver_rss_parts_end_mib": {k: round(v / 1024, 1) for k, v in parts_end.items()},

@@ -177,7 +177,7 @@ def three_heads_config() -> dict[str, Any]:
 
 
 def pipeline(rasters: list[Path], config: dict[str, Any], tag: str, num_cpus: int | None = None,
-             monitor: bool = True, timeout: int = 1500) -> dict[str, Any]:
+             monitor: bool = True, timeout: int = 1500, extra: list[str] | None = None) -> dict[str, Any]:
     """One ``geoseg.pipeline.run`` in a child process (``bench/child_pipeline.py``)."""
     out_dir = SCRATCH / f"out-{tag}"
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -188,6 +188,7 @@ def pipeline(rasters: list[Path], config: dict[str, Any], tag: str, num_cpus: in
         args += ["--input", str(r)]
     if num_cpus is not None:
         args += ["--num-cpus", str(num_cpus)]
+    args += extra or []
     load = _load()
     res = _child("bench.child_pipeline", args, monitor=monitor, timeout=timeout)
     res.update(load_avg_before=load, load_avg_after=_load())
@@ -250,7 +251,15 @@ def bench_trivial(size: int) -> dict[str, Any]:
         check("first tile after run() began", _get(run, "first_tile_s"), "s"),
         check("run() wall", _get(run, "wall_s"), "s"),
     ]
-    return {"title": "Pipeline ceiling: trivial model", "checks": checks, "run": run,
+    log("trivial: I/O floor (read every block, write a deflate COG mask), one process, one core")
+    floor = _child("bench.child_io_floor", ["--input", str(raster), "--out", str(SCRATCH / "io-floor.tif")])
+    checks += [
+        check("I/O floor on one core: read all blocks + write the mask COG", _get(floor, "mpx_per_s_one_core"),
+              "Mpx/s"),
+        check("pipeline steady / I/O floor on one core", ratio(_get(run, "mpx_per_s_steady"),
+                                                              _get(floor, "mpx_per_s_one_core"))),
+    ]
+    return {"title": "Pipeline ceiling: trivial model", "checks": checks, "run": run, "io_floor": floor,
             "parameters": {"size": size, "tile_size": tile, "halo": halo, "batch_size": batch, "model": TRIVIAL,
                            "ray_cpus": 2, "device": "cpu",
                            "raster": "synthetic 3-band uint8, deflate, 512 blocks, 10 m UTM (bench/rasters.py)"}}
@@ -319,7 +328,7 @@ def bench_driver_cpu(sizes: list[int]) -> dict[str, Any]:
     for size in sizes:
         raster = write_raster(SCRATCH / f"syn-{size}.tif", size, pixel_size=PIXEL_SIZE_M)
         log(f"driver_cpu: three heads, {size}^2")
-        res = pipeline([raster], three_heads_config(), f"cpu-{size}", monitor=False)
+        res = pipeline([raster], three_heads_config(), f"cpu-{size}", monitor=False, extra=["--idle-seconds", "5"])
         res["size"] = size
         runs.append(res)
         log(f"driver_cpu: {size}^2 -> driver CPU {_get(res, 'driver_cpu_s')} s, wall {_get(res, 'wall_s')} s"
@@ -330,8 +339,17 @@ def bench_driver_cpu(sizes: list[int]) -> dict[str, Any]:
         small, big = ok
         per_mpx = round((big["driver_cpu_s"] - small["driver_cpu_s"])
                         / (big["core_megapixels"] - small["core_megapixels"]), 5)
+    net = None
+    if per_mpx is not None and isinstance(ok[1].get("driver_idle_cpu_s_per_s"), float):
+        small, big = ok
+        idle = big["driver_idle_cpu_s_per_s"]
+        net = round((big["driver_cpu_s"] - small["driver_cpu_s"] - idle * (big["wall_s"] - small["wall_s"]))
+                    / (big["core_megapixels"] - small["core_megapixels"]), 5)
     checks = [check("driver CPU per extra Mpx: (cpu_big - cpu_small) / (Mpx_big - Mpx_small)", per_mpx, "s/Mpx",
-                    "<= 0.01")]
+                    "<= 0.01"),
+              check("driver CPU of Ray's own threads while idle (a cost per second, not per pixel)",
+                    _get(ok[-1], "driver_idle_cpu_s_per_s") if ok else None, "s/s"),
+              check("driver CPU per extra Mpx less that idle cost over the extra wall time", net, "s/Mpx")]
     for r in runs:
         checks.append(check(f"driver CPU (user + sys) around run(), {r['size']}^2", _get(r, "driver_cpu_s"), "s"))
         checks.append(check(f"run() wall, {r['size']}^2", _get(r, "wall_s"), "s"))

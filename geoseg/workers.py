@@ -38,8 +38,9 @@ class TileAck:
 
 
 def warm_up_worker() -> None:
-    """Nothing: running it makes a fresh worker import this module's libraries (GDAL, scipy,
-    scikit-image, shapely) while the models load, not when the first tile is waiting."""
+    """Import the libraries of reading and post-processing (GDAL, scipy, scikit-image, shapely) in a
+    fresh worker while the models load, not when the first tile is waiting."""
+    from geoseg import postprocess, read  # noqa: F401
 
 
 def read_batch(path: str, tiles: list[Tile], bands: list[int], storage_env: dict[str, str]) -> list[dict[str, Any]]:
