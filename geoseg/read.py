@@ -18,9 +18,9 @@ from rasterio.errors import RasterioIOError
 
 from geoseg.errors import InputError
 from geoseg.grid import Tile
-from geoseg.storage import gdal_path, is_s3, list_rasters
+from geoseg.storage import RASTER_SUFFIXES, gdal_path, is_s3, list_rasters
 
-RASTER_SUFFIXES = (".tif", ".tiff")
+
 
 
 @dataclass(frozen=True)
