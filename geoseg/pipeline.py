@@ -13,6 +13,7 @@ must fail only its own scene, and every head runs on one tile read in one actor 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -34,6 +35,7 @@ from geoseg.config import Config
 from geoseg.contract import check_scene
 from geoseg.errors import GeosegError, InputError
 from geoseg.grid import Tile, plan_tiles, tile_grid_shape
+from geoseg.lock import RunLock
 from geoseg.read import SceneInfo, find_scenes, inspect_scene
 from geoseg.storage import OutputStore, storage_env
 from geoseg.units import ground_scale
@@ -240,6 +242,15 @@ def run(inputs: list[str], out_dir: str | Path, config: Config, address: str | N
     report = RunReport(started_unix=time.time())
     store = OutputStore(out_dir)
     store.check_writable()
+    with contextlib.nullcontext() if store.remote else RunLock(out_dir):  # one run per output folder
+        _run_locked(inputs, store, config, address, progress, resume, report)
+        report.seconds = time.monotonic() - started
+        store.write_text("summary.csv", run_csv(report))
+    return report
+
+
+def _run_locked(inputs: list[str], store: OutputStore, config: Config, address: str | None, progress: bool,
+                resume: bool, report: RunReport) -> None:
     ensure_ray(address)
     env = storage_env()
     # Everything that takes seconds to start starts now, side by side: the model actors build and
@@ -257,9 +268,6 @@ def run(inputs: list[str], out_dir: str | Path, config: Config, address: str | N
     finally:
         for actor in actors + writers:
             ray.kill(actor)
-    report.seconds = time.monotonic() - started
-    store.write_text("summary.csv", run_csv(report))
-    return report
 
 
 class _Scene:
