@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-DATA = Path(__file__).parent / "data"
 REPO = Path(__file__).resolve().parents[1]
+# Third-party sample files stay in ../shared/data (beside the checkout, in CI too), never copied here.
+SHARED_DATA = REPO.parent / "shared" / "data"
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -38,6 +39,14 @@ def ray_session():
                  log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``../shared/data`` (real imagery, see its SOURCES.md); tests that need it skip without it."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real sample data not found at {SHARED_DATA} (the shared/ folder beside the checkout)")
+    return SHARED_DATA
 
 
 @pytest.fixture(scope="session")

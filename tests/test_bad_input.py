@@ -32,7 +32,6 @@ from geoseg.config import load_config
 from geoseg.errors import OutputError
 from geoseg.pipeline import run
 
-DATA = Path(__file__).parent / "data"
 REPO = Path(__file__).resolve().parents[1]
 LANDUSE = ["water", "forest", "cropland", "urban", "bare"]
 
@@ -69,7 +68,7 @@ def _truncate(src: Path, dst: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def inputs(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> dict[str, Path]:
     """The bad inputs and one good synthetic scene, each in its own folder."""
     from geoseg.synth import write_scene
 
@@ -79,10 +78,10 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     paths: dict[str, Path] = {}
     # A real tiled COG (JPEG, with overviews) cut to half its bytes: the header still opens.
     paths["trunc_cog.tif"] = d / "trunc_cog.tif"
-    _truncate(DATA / "rasterio" / "cogeo.tif", paths["trunc_cog.tif"])
+    _truncate(shared_data / "rasterio" / "cogeo.tif", paths["trunc_cog.tif"])
     # A real raster re-encoded as a tiled GeoTIFF, cut in half: the first tile reads, later ones fail.
     tiled = root / "tiled_full.tif"
-    rasterio.shutil.copy(DATA / "rasterio" / "RGB.byte.tif", tiled, driver="GTiff", tiled=True,
+    rasterio.shutil.copy(shared_data / "rasterio" / "RGB.byte.tif", tiled, driver="GTiff", tiled=True,
                          blockxsize=128, blockysize=128, compress="deflate")
     paths["trunc_tiled.tif"] = d / "trunc_tiled.tif"
     _truncate(tiled, paths["trunc_tiled.tif"])

@@ -25,7 +25,6 @@ from pyproj import CRS, Geod, Transformer
 from geoseg.config import load_config
 from geoseg.pipeline import run
 
-DATA = Path(__file__).parent / "data"
 LANDUSE = ["water", "forest", "cropland", "urban", "bare"]
 
 
@@ -172,27 +171,27 @@ def geodesic_area_checks(src: Path, summary: dict) -> None:
         assert abs(total - planar) / total > 0.01, "area_m2 looks like the planar (CRS-unit) area"
 
 
-def test_landsat_utm_uint8_nodata(ray_session, tmp_path):
+def test_landsat_utm_uint8_nodata(ray_session, shared_data, tmp_path):
     """rasterio's RGB.byte.tif: EPSG:32618, uint8, nodata 0 (per-band masks differ at the edges)."""
-    src = DATA / "rasterio" / "RGB.byte.tif"
+    src = shared_data / "rasterio" / "RGB.byte.tif"
     summary = run_one(tmp_path, src, [1, 2, 3])
     valid = summary["_valid"]
     assert 0 < valid.sum() < valid.size  # the file has a real nodata collar
     planar_area_checks(src, summary)
 
 
-def test_sentinel2_web_mercator_uint16(ray_session, tmp_path):
+def test_sentinel2_web_mercator_uint16(ray_session, shared_data, tmp_path):
     """Sentinel-2 RGB over Honolulu in EPSG:3857 (uint16, no nodata): areas are true ground areas."""
-    src = DATA / "sen2ships" / "honolulu" / "honolulu_rgb.tiff"
+    src = shared_data / "sen2ships" / "honolulu" / "honolulu_rgb.tiff"
     with rasterio.open(src) as s:
         assert s.crs.to_epsg() == 3857 and s.dtypes[0] == "uint16" and s.count == 3
     summary = run_one(tmp_path, src, [1, 2, 3], normalize={"scale": 256})
     geodesic_area_checks(src, summary)
 
 
-def test_spacenet_pan_uint16_single_band(ray_session, tmp_path):
+def test_spacenet_pan_uint16_single_band(ray_session, shared_data, tmp_path):
     """SpaceNet WorldView-2 pan (1 band uint16, EPSG:32616) fed to 3-band models as bands [1, 1, 1]."""
-    src = DATA / "spacenet_atlanta" / "sample_geotiff.tif"
+    src = shared_data / "spacenet_atlanta" / "sample_geotiff.tif"
     with rasterio.open(src) as s:
         assert s.count == 1 and s.dtypes[0] == "uint16"
     summary = run_one(tmp_path, src, [1, 1, 1], normalize={"scale": 8})

@@ -21,16 +21,16 @@ from geoseg.pipeline import run
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO / "tests" / "data"
 
 CASES = [
-    ("ships", "s2-ships", DATA / "sen2ships" / "honolulu" / "honolulu_rgb.tiff"),
-    ("buildings", "spacenet-buildings", DATA / "spacenet_atlanta" / "sample_geotiff.tif"),
+    ("ships", "s2-ships", "sen2ships/honolulu/honolulu_rgb.tiff"),
+    ("buildings", "spacenet-buildings", "spacenet_atlanta/sample_geotiff.tif"),
 ]
 
 
 @pytest.mark.parametrize("head,model,scene", CASES)
-def test_example_model_gives_georeferenced_objects(ray_session, tmp_path, head, model, scene):
+def test_example_model_gives_georeferenced_objects(ray_session, shared_data, tmp_path, head, model, scene):
+    scene = shared_data / scene
     cfg = tmp_path / "run.yaml"
     cfg.write_text(yaml.safe_dump({"tiling": {"tile_size": 256, "halo": 32},
                                    "models": {head: {"weights": str(REPO / "models" / model)}}}))
