@@ -18,6 +18,7 @@ import csv
 import hashlib
 import io
 import itertools
+import json
 import logging
 import os
 import re
@@ -38,7 +39,7 @@ from geoseg.grid import Tile, plan_tiles, tile_grid_shape
 from geoseg.lock import RunLock
 from geoseg.read import SceneInfo, find_scenes, inspect_scene
 from geoseg.storage import OutputStore, storage_env
-from geoseg.units import ground_scale
+from geoseg.units import GroundScale, ground_scale
 from geoseg.workers import PredictorWorker, TileAck, postprocess_batch, read_batch, warm_up_worker
 
 log = logging.getLogger("geoseg")
@@ -89,10 +90,6 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, num_gpus
                  logging_level=logging.WARNING, object_store_memory=LOCAL_OBJECT_STORE_BYTES)
 
 
-class _PredictorActor(PredictorWorker):
-    pass
-
-
 class _WriterActor:
     """Ray actor around ``geoseg.writer.SceneWriter`` (imported in the actor: the driver never
     loads the writing stack)."""
@@ -102,8 +99,8 @@ class _WriterActor:
 
         self.writer = SceneWriter(config, store, env, node=ray.get_runtime_context().get_node_id())
 
-    def open(self, index: int, info: SceneInfo, config_id: str) -> str:
-        return self.writer.open(index, info, config_id)
+    def open(self, index: int, info: SceneInfo, config_id: str, scale: GroundScale) -> str:
+        return self.writer.open(index, info, config_id, scale)
 
     def add(self, index: int, results: list[Any], opened: Any = None) -> list[TileAck]:
         return self.writer.add(index, results, opened)
@@ -136,7 +133,7 @@ def _start_actors(config: Config) -> list[Any]:
     cluster's total) keeps an actor schedulable on a cluster of small nodes.
     """
     # A model actor that dies (a worker killed, out of memory) is restarted and its calls retried.
-    actor_cls = ray.remote(max_restarts=2, max_task_retries=2)(_PredictorActor)
+    actor_cls = ray.remote(max_restarts=2, max_task_retries=2)(PredictorWorker)
     gpus = int(ray.cluster_resources().get("GPU", 0))
     if gpus and config.runtime.device != "cpu":
         # Two calls at once: one batch is padded and copied while the other runs on the GPU.
@@ -186,8 +183,6 @@ def config_fingerprint(config: Config) -> str:
 
 def _done_before(path: str, store: OutputStore, stem: str, fingerprint: str) -> dict[str, Any] | None:
     """The summary of an earlier successful run of this input with this config, if still current."""
-    import json
-
     text = store.read_text(f"{stem}/summary.json")
     if text is None:
         return None
@@ -356,9 +351,12 @@ class _Scheduler:
         self.writer_load[w] += 1
         self.writer_uses[w] += 1
         scene.writer = w
-        scene.opened = self.writers[w].open.remote(scene.index, scene.info, self.config_id)
         info = scene.info
-        scene.row_area = ray.put(ground_scale(info.crs_wkt, info.transform, info.width, info.height).row_area_m2)
+        # Computed once per scene (a Python loop over rows for geographic grids): the writer gets the
+        # whole scale, the post-processing tasks its per-row areas through the object store.
+        scale = ground_scale(info.crs_wkt, info.transform, info.width, info.height)
+        scene.opened = self.writers[w].open.remote(scene.index, info, self.config_id, scale)
+        scene.row_area = ray.put(scale.row_area_m2)
         return scene
 
     def _submit(self) -> None:

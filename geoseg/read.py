@@ -21,8 +21,6 @@ from geoseg.grid import Tile
 from geoseg.storage import RASTER_SUFFIXES, gdal_path, is_s3, list_rasters
 
 
-
-
 @dataclass(frozen=True)
 class SceneInfo:
     """What the driver needs to know of a scene before any pixel is read."""

@@ -26,13 +26,14 @@ from geoseg.postprocess import TileResult, empty_head
 from geoseg.read import SceneInfo
 from geoseg.storage import OutputStore
 from geoseg.stitch import HeadStitcher
-from geoseg.units import ground_scale
+from geoseg.units import GroundScale, ground_scale
 
 
 class SceneJob:
     """Stitches and writes one scene; holds at most a few tiles' worth of pixels."""
 
-    def __init__(self, index: int, info: SceneInfo, config: Config, store: OutputStore, config_id: str = "") -> None:
+    def __init__(self, index: int, info: SceneInfo, config: Config, store: OutputStore, config_id: str = "",
+                 scale: GroundScale | None = None) -> None:
         self.index, self.info, self.config, self.config_id, self.store = index, info, config, config_id, store
         self.grid_shape = tile_grid_shape(info.width, info.height, config.tiling.tile_size)
         self.n_tiles = self.grid_shape[0] * self.grid_shape[1]
@@ -40,7 +41,8 @@ class SceneJob:
         self.valid_pixels = 0
         self.error: str | None = None
         self.started = time.monotonic()
-        self.scale = ground_scale(info.crs_wkt, info.transform, info.width, info.height)
+        # The driver passes the scale it computed for the tasks; computed here when run alone.
+        self.scale = scale or ground_scale(info.crs_wkt, info.transform, info.width, info.height)
         self.tmp_dir = store.staging_dir(info.stem)
         self.gpkg = self.tmp_dir / f"{info.stem}.gpkg"
         profile = {"width": info.width, "height": info.height, "crs": info.crs_wkt, "transform": info.transform}

@@ -20,6 +20,7 @@ from geoseg.postprocess import TileResult
 from geoseg.read import SceneInfo
 from geoseg.scene import SceneJob
 from geoseg.storage import OutputStore, apply_storage_env
+from geoseg.units import GroundScale
 from geoseg.workers import TileAck
 
 # A writer's GDAL block cache (MB): the masks are written window by window, so a small cache keeps
@@ -39,12 +40,12 @@ class SceneWriter:
         self.locks: dict[int, threading.Lock] = {}
         self.errors: dict[int, str] = {}  # scenes that failed before their job existed
 
-    def open(self, index: int, info: SceneInfo, config_id: str) -> str:
+    def open(self, index: int, info: SceneInfo, config_id: str, scale: GroundScale | None = None) -> str:
         """Prepare a scene's outputs; returns the node it is assembled on. A failure is kept and
         reported on the scene's first tile (so the driver's loop sees it like any tile error)."""
         self.locks[index] = threading.Lock()
         try:
-            self.jobs[index] = SceneJob(index, info, self.config, self.store, config_id)
+            self.jobs[index] = SceneJob(index, info, self.config, self.store, config_id, scale)
         except Exception as exc:  # e.g. the output folder filled up or vanished
             self.errors[index] = f"{info.path}: cannot prepare outputs ({_one_line(exc)})"
         return self.node
