@@ -202,7 +202,8 @@ class ModelConfig(_Frozen):
             raise ValueError(f"{len(self.colors)} colors for {len(self.classes)} classes")
         n_norm = normalize_values(self.normalize)
         if n_norm is not None and n_norm != len(self.bands):
-            raise ValueError(f"normalize has {n_norm} values per band for {len(self.bands)} bands")
+            raise ValueError(f"bands {self.bands} feed {len(self.bands)} band(s) to a model whose normalize has "
+                             f"{n_norm} values per band (it reads {n_norm} bands); list {n_norm} band indexes")
         if self.input.names is not None and len(self.input.names) != len(self.bands):
             raise ValueError(f"input.names has {len(self.input.names)} names for {len(self.bands)} bands")
         sources = [k for k in ("factory", "weights", "torchscript") if getattr(self, k) is not None]

@@ -16,9 +16,10 @@ import rasterio
 from affine import Affine
 from rasterio.errors import RasterioIOError
 
+from geoseg.discover import output_name
 from geoseg.errors import InputError
 from geoseg.grid import Tile
-from geoseg.storage import RASTER_SUFFIXES, gdal_path, is_s3, list_rasters
+from geoseg.storage import gdal_path
 
 
 @dataclass(frozen=True)
@@ -34,41 +35,21 @@ class SceneInfo:
     crs_string: str
     transform: Affine
     nodata: float | None
+    name: str = ""  # output folder relative to --out (geoseg.discover); the file's stem if not given
+    fingerprint: dict[str, Any] | None = None  # size and mtime, or ETag (geoseg.runlog.input_fingerprint)
 
     @property
     def stem(self) -> str:
-        return Path(self.path).stem
+        """Prefix of the scene's file names: the last part of its output folder."""
+        return (self.name or output_name(Path(self.path).name)).rsplit("/", 1)[-1]
+
+    @property
+    def folder(self) -> str:
+        """The scene's output folder relative to ``--out``."""
+        return self.name or output_name(Path(self.path).name)
 
 
-def find_scenes(inputs: list[str]) -> tuple[list[str], list[InputError]]:
-    """Expand directories into their ``.tif``/``.tiff`` files (sorted); report empty ones."""
-    found: list[str] = []
-    errors: list[InputError] = []
-    for item in inputs:
-        p = Path(item)
-        if is_s3(item) and item.endswith("/"):  # a bucket prefix: its .tif/.tiff objects
-            try:
-                objects = list_rasters(item)
-            except InputError as exc:
-                errors.append(exc)
-                continue
-            if not objects:
-                errors.append(InputError(item, "prefix holds no .tif/.tiff objects"))
-            found.extend(objects)
-        elif p.is_dir():
-            # Not recursive: sub-folders (e.g. a synthetic scene's truth) are not inputs.
-            files = sorted(str(f) for f in p.iterdir() if f.suffix.lower() in RASTER_SUFFIXES and f.is_file())
-            if not files:
-                errors.append(InputError(item, "directory holds no .tif/.tiff files"))
-            found.extend(files)
-        elif p.exists() or "/vsi" in item or "://" in item:
-            found.append(item)
-        else:
-            errors.append(InputError(item, "no such file or directory"))
-    return found, errors
-
-
-def inspect_scene(path: str) -> SceneInfo:
+def inspect_scene(path: str, name: str = "") -> SceneInfo:
     """Open a scene's header and check it is a georeferenced raster; raise InputError otherwise.
 
     What each model needs of it (bands, dtype, resolution) is checked by ``geoseg.contract.check_scene``.
@@ -89,6 +70,7 @@ def inspect_scene(path: str) -> SceneInfo:
                 crs_string=ds.crs.to_string(),
                 transform=ds.transform,
                 nodata=ds.nodata,
+                name=name,
             )
     except RasterioIOError as exc:
         raise InputError(path, f"not a readable raster ({_short(exc)})") from None

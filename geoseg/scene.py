@@ -11,6 +11,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from geoseg.checkpoint import MIN_TILES, checkpoint_stamp, load_tile, save_tile
+from geoseg.checkpoint import drop as drop_checkpoint
 from geoseg.config import Config
 from geoseg.export import (
     INSTANCE_FIELDS,
@@ -32,9 +34,12 @@ from geoseg.units import GroundScale, ground_scale
 class SceneJob:
     """Stitches and writes one scene; holds at most a few tiles' worth of pixels."""
 
-    def __init__(self, index: int, info: SceneInfo, config: Config, store: OutputStore, config_id: str = "",
-                 scale: GroundScale | None = None) -> None:
-        self.index, self.info, self.config, self.config_id, self.store = index, info, config, config_id, store
+    def __init__(self, index: int, info: SceneInfo, config: Config, store: OutputStore,
+                 stamp: dict[str, str] | None = None, scale: GroundScale | None = None,
+                 resume_tiles: list[int] | None = None) -> None:
+        # stamp: the config's fingerprint and the run's id, recorded in summary.json (geoseg.runlog)
+        self.index, self.info, self.config, self.store = index, info, config, store
+        self.stamp = stamp or {}
         self.grid_shape = tile_grid_shape(info.width, info.height, config.tiling.tile_size)
         self.n_tiles = self.grid_shape[0] * self.grid_shape[1]
         self.done = 0  # tile results received
@@ -43,7 +48,11 @@ class SceneJob:
         self.started = time.monotonic()
         # The driver passes the scale it computed for the tasks; computed here when run alone.
         self.scale = scale or ground_scale(info.crs_wkt, info.transform, info.width, info.height)
-        self.tmp_dir = store.staging_dir(info.stem)
+        # Large scenes checkpoint each tile result in their staging folder (geoseg.checkpoint), so a
+        # killed run's next run replays them instead of recomputing them.
+        self.checkpoint = checkpoint_stamp(info.path, info.fingerprint, self.stamp.get("config", "")) \
+            if self.n_tiles >= MIN_TILES and not store.remote else None
+        self.tmp_dir = store.staging_dir(info.folder, self.checkpoint)
         self.gpkg = self.tmp_dir / f"{info.stem}.gpkg"
         profile = {"width": info.width, "height": info.height, "crs": info.crs_wkt, "transform": info.transform}
         bounds = _bounds(info)
@@ -57,9 +66,20 @@ class SceneJob:
             self.layers[name] = LayerWriter(self.gpkg, name, info.crs_wkt, fields)
             self.sinks[name] = ObjectSink(spec, self.layers[name], info.transform, info.crs_wkt, bounds, self.scale)
             self.stitchers[name] = HeadStitcher(self.grid_shape, spec.task == "instance", self.sinks[name])
+        self.resumed = 0  # tiles replayed from an earlier run's checkpoints
+        if self.checkpoint is not None:
+            for tile_index in resume_tiles or []:
+                self._place(load_tile(self.tmp_dir, tile_index))
+                self.resumed += 1
 
     def add(self, result: TileResult) -> None:
-        """Place one tile's result: masks by window, objects into the stitchers."""
+        """Place one tile's result, then checkpoint it (large scenes)."""
+        self._place(result)
+        if self.checkpoint is not None and result.status != "error" and not self.error:
+            save_tile(self.tmp_dir, result.tile.index, result)
+
+    def _place(self, result: TileResult) -> None:
+        """Masks by window, objects into the stitchers."""
         tile = result.tile
         self.done += 1
         if result.status == "error":
@@ -110,15 +130,20 @@ class SceneJob:
             "width": self.info.width,
             "height": self.info.height,
             "status": "ok",
-            "config": self.config_id,
+            "output": self.info.folder,
+            "fingerprint": self.info.fingerprint,  # the input's size and mtime (or ETag) when it was read
+            "config": self.stamp.get("config", ""),
+            "run": self.stamp.get("run", ""),
             "tiles": self.n_tiles,
+            "tiles_resumed": self.resumed,  # taken from an earlier run's checkpoints, not recomputed
             "valid_pixels": self.valid_pixels,
             "seconds": round(time.monotonic() - self.started, 2),
-            "published_unix": round(time.time(), 3),  # resume: an input modified after this is redone
+            "published_unix": round(time.time(), 3),
             "models": models,
         }
+        drop_checkpoint(self.tmp_dir)
         write_json(self.tmp_dir / "summary.json", summary)
-        self.store.publish(self.tmp_dir, self.info.stem)
+        self.store.publish(self.tmp_dir, self.info.folder)
         return summary
 
     def abort(self) -> None:

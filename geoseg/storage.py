@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from geoseg.checkpoint import STAMP_FILE, TILES_DIR, stamp_matches, write_stamp
 from geoseg.errors import InputError, OutputError
 
 MANIFEST = "manifest.json"
@@ -139,21 +140,20 @@ def _boto_errors() -> tuple[type[BaseException], ...]:
     return (ClientError, BotoCoreError)
 
 
-def list_rasters(prefix: str) -> list[str]:
-    """The GeoTIFFs directly under ``s3://bucket/prefix/`` (``.tif``/``.tiff``, any case; objects in
-    deeper "folders" are not included, like local folders), as sorted ``s3://`` URIs."""
+def list_rasters(prefix: str, recursive: bool = False) -> list[str]:
+    """The GeoTIFFs under ``s3://bucket/prefix/`` (``.tif``/``.tiff``, any case), as sorted ``s3://``
+    URIs: those directly under it, like a local folder, or with ``recursive`` every "folder" below."""
     bucket, key = _split(prefix)
     if not bucket:
         raise InputError(prefix, "no bucket in the S3 location")
     key_prefix = f"{key}/" if key else ""
     found: list[str] = []
     try:
-        pages = _client().get_paginator("list_objects_v2").paginate(
-            Bucket=bucket, Prefix=key_prefix, Delimiter="/")
-        for page in pages:
+        paginate = {"Bucket": bucket, "Prefix": key_prefix, **({} if recursive else {"Delimiter": "/"})}
+        for page in _client().get_paginator("list_objects_v2").paginate(**paginate):
             for obj in page.get("Contents", []):
                 name = obj["Key"][len(key_prefix):]
-                if name and "/" not in name and name.lower().endswith(RASTER_SUFFIXES):
+                if name and (recursive or "/" not in name) and name.lower().endswith(RASTER_SUFFIXES):
                     found.append(f"s3://{bucket}/{obj['Key']}")
     except _boto_errors() as exc:
         raise InputError(prefix, _reason(exc)) from None
@@ -184,6 +184,11 @@ def _manifest(files: dict[str, Path]) -> str:
         "published": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     return json.dumps(data, indent=2)
+
+
+def _flat(name: str) -> str:
+    """A scene folder name as one path part (for staging folders beside the outputs)."""
+    return name.replace("%", "%25").replace("/", "%2F")
 
 
 def _content_type(name: str) -> str:
@@ -252,27 +257,43 @@ class OutputStore:
             raise OutputError(self.location, _reason(exc)) from None
 
     # -- scenes
-    def staging_dir(self, stem: str) -> Path:
-        """A fresh, empty local folder for one scene's files (beside the outputs when they are on
-        disk, so publishing is a rename; in the temp folder when they go to S3)."""
-        if self.remote:
-            return Path(tempfile.mkdtemp(prefix=f"geoseg-{stem}-"))
-        staging = self._dir / f".{stem}.partial"
+    def staging_path(self, name: str) -> Path | None:
+        """Where scene folder ``name`` is staged on disk beside the outputs (None for S3)."""
+        return None if self.remote else self._dir / f".{_flat(name)}.partial"
+
+    def staging_dir(self, name: str, checkpoint: dict[str, Any] | None = None) -> Path:
+        """An empty local folder for the files of scene folder ``name`` (beside the outputs when
+        they are on disk, so publishing is a rename; in the temp folder when they go to S3).
+
+        With ``checkpoint`` (a stamp, see ``geoseg.checkpoint``) on a local store, tile checkpoints
+        already there under the same stamp are kept (everything else goes) and new ones may be added.
+        """
+        staging = self.staging_path(name)
+        if staging is None:
+            return Path(tempfile.mkdtemp(prefix=f"geoseg-{_flat(name)}-"))
+        if checkpoint is not None and stamp_matches(staging, checkpoint):
+            for entry in staging.iterdir():
+                if entry.name not in (TILES_DIR, STAMP_FILE):
+                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+            return staging
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
+        if checkpoint is not None:
+            write_stamp(staging, checkpoint)
         return staging
 
-    def publish(self, staging: Path, stem: str) -> None:
-        """Make a completed scene visible as ``<stem>/``, replacing an earlier run's, with
-        ``manifest.json`` (names, sizes, SHA-256) as the completion marker."""
+    def publish(self, staging: Path, name: str) -> None:
+        """Make a completed scene visible as folder ``name`` (e.g. ``a/scene``), replacing an earlier
+        run's, with ``manifest.json`` (names, sizes, SHA-256) as the completion marker."""
         staging = Path(staging)
         files = _scene_files(staging)
         manifest = _manifest(files)
         if not self.remote:
             (staging / MANIFEST).write_text(manifest)
-            final = self._dir / stem
+            final = self._dir / name
+            final.parent.mkdir(parents=True, exist_ok=True)
             if final.exists():
-                old = self._dir / f".{stem}.old"
+                old = self._dir / f".{_flat(name)}.old"
                 shutil.rmtree(old, ignore_errors=True)
                 os.replace(final, old)
                 os.replace(staging, final)
@@ -283,7 +304,7 @@ class OutputStore:
         from boto3.s3.transfer import TransferConfig
 
         s3, bucket = self._client, self._bucket
-        scene_prefix = self._key(stem) + "/"
+        scene_prefix = self._key(name) + "/"
         transfer = TransferConfig(max_concurrency=4)
         try:
             # Unpublish first: from here until the new manifest is put, readers see no scene.
@@ -301,8 +322,21 @@ class OutputStore:
             s3.put_object(Bucket=bucket, Key=scene_prefix + MANIFEST, Body=manifest.encode(),
                           ContentType="application/json")
         except _boto_errors() as exc:
-            raise OutputError(self.uri(stem), f"publishing failed: {_reason(exc)}") from None
+            raise OutputError(self.uri(name), f"publishing failed: {_reason(exc)}") from None
         shutil.rmtree(staging, ignore_errors=True)
+
+    def remove_leftovers(self) -> list[str]:
+        """Delete staging folders a killed run left beside the outputs (call holding the run lock,
+        so no other run is writing them), but those holding tile checkpoints, which the scene's
+        next run resumes; returns their names. Published scenes are not touched."""
+        if self.remote or not self._dir.is_dir():
+            return []
+        gone = [p.name for p in self._dir.iterdir()
+                if p.is_dir() and p.name.startswith(".") and p.name.endswith((".partial", ".old"))
+                and not (p / STAMP_FILE).is_file()]
+        for name in gone:
+            shutil.rmtree(self._dir / name, ignore_errors=True)
+        return gone
 
     def discard(self, staging: Path) -> None:
         """Drop a failed scene's staging folder; an earlier published ``<stem>/`` stays as it was."""
@@ -325,11 +359,11 @@ class OutputStore:
                 return None
             except OSError as exc:
                 raise OutputError(self.uri(relpath), f"cannot read ({exc.strerror or exc})") from None
-        stem, sep, _ = relpath.partition("/")
+        folder, sep, leaf = relpath.rpartition("/")
         try:
-            if sep and relpath != f"{stem}/{MANIFEST}":
+            if sep and leaf != MANIFEST:
                 try:
-                    self._client.head_object(Bucket=self._bucket, Key=self._key(f"{stem}/{MANIFEST}"))
+                    self._client.head_object(Bucket=self._bucket, Key=self._key(f"{folder}/{MANIFEST}"))
                 except _boto_errors() as exc:
                     if _is_missing(exc):
                         return None

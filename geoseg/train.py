@@ -315,7 +315,7 @@ def train(cfg: TrainConfig, evaluate_only: bool = False, address: str | None = N
         spec = _head_spec(cfg, normalize)
         chips = make_chips(cfg, scenes)
         log.info("%s: %d chips of %d px from %d scene(s)", cfg.name, len(chips["x"]), chips["x"].shape[-1], len(scenes))
-        from geoseg.pipeline import ensure_ray
+        from geoseg.local_ray import ensure_ray
 
         ensure_ray(address)
         fit_metrics, state = _fit(cfg, spec, chips, work / "ray")

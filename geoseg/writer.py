@@ -11,8 +11,12 @@ summary. This module knows nothing of Ray: ``geoseg.pipeline`` wraps ``SceneWrit
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
+import tempfile
 import threading
+from pathlib import Path
 from typing import Any
 
 from geoseg.config import Config
@@ -23,6 +27,8 @@ from geoseg.storage import OutputStore, apply_storage_env
 from geoseg.units import GroundScale
 from geoseg.workers import TileAck
 
+# A write that fails with less free space than this on the output disk is reported as disk full.
+DISK_FULL_BYTES = 16 * 1024**2
 # A writer's GDAL block cache (MB): the masks are written window by window, so a small cache keeps
 # its memory flat whatever the raster size.
 WRITER_GDAL_CACHE_MB = 256
@@ -40,14 +46,21 @@ class SceneWriter:
         self.locks: dict[int, threading.Lock] = {}
         self.errors: dict[int, str] = {}  # scenes that failed before their job existed
 
-    def open(self, index: int, info: SceneInfo, config_id: str, scale: GroundScale | None = None) -> str:
-        """Prepare a scene's outputs; returns the node it is assembled on. A failure is kept and
-        reported on the scene's first tile (so the driver's loop sees it like any tile error)."""
+    def _local_dir(self) -> Path:
+        """Where this writer's files go on local disk: the output folder, or the temp folder that
+        stages uploads to object storage."""
+        return Path(tempfile.gettempdir() if self.store.remote else self.store.location)
+
+    def open(self, index: int, info: SceneInfo, stamp: dict[str, str] | None = None,
+             scale: GroundScale | None = None, resume_tiles: list[int] | None = None) -> str:
+        """Prepare a scene's outputs, replaying ``resume_tiles`` from an earlier run's checkpoints;
+        returns the node it is assembled on. A failure is kept and reported on the scene's first
+        tile (so the driver's loop sees it like any tile error)."""
         self.locks[index] = threading.Lock()
         try:
-            self.jobs[index] = SceneJob(index, info, self.config, self.store, config_id, scale)
+            self.jobs[index] = SceneJob(index, info, self.config, self.store, stamp, scale, resume_tiles)
         except Exception as exc:  # e.g. the output folder filled up or vanished
-            self.errors[index] = f"{info.path}: cannot prepare outputs ({_one_line(exc)})"
+            self.errors[index] = f"{info.path}: cannot prepare outputs ({_write_error(exc, self._local_dir())})"
         return self.node
 
     def add(self, index: int, results: list[TileResult], opened: Any = None) -> list[TileAck]:
@@ -65,7 +78,8 @@ class SceneWriter:
                     try:
                         job.add(r)
                     except Exception as exc:  # a disk that filled up, a GDAL write error
-                        error = f"{job.info.path}: writing tile {r.tile.index} failed ({_one_line(exc)})"
+                        error = (f"{job.info.path}: writing tile {r.tile.index} failed "
+                                 f"({_write_error(exc, job.tmp_dir.parent)})")
                         job.error = job.error or error
                 core = r.tile.core
                 acks.append(TileAck(index, r.tile.index, "error" if error else r.status,
@@ -81,7 +95,8 @@ class SceneWriter:
                 return job.finish()
             except Exception as exc:
                 job.abort()
-                raise RuntimeError(f"{job.info.path}: writing outputs failed ({_one_line(exc)})") from None
+                raise RuntimeError(f"{job.info.path}: writing outputs failed "
+                                   f"({_write_error(exc, job.tmp_dir.parent)})") from None
 
     def abort(self, index: int) -> None:
         """Drop everything a failed scene wrote."""
@@ -93,6 +108,21 @@ class SceneWriter:
             self.errors.pop(index, None)
             if job is not None:
                 job.abort()
+
+
+def _write_error(exc: BaseException, folder: Path) -> str:
+    """Why a write failed, in one line; a full disk says so, whatever GDAL or SQLite reported
+    (they say "Failed to commit transaction", or quote a whole SQL statement)."""
+    text = str(exc)
+    full = (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or "No space left" in text
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = None
+    if full or (free is not None and free < DISK_FULL_BYTES):
+        room = f", {free / 1e6:.1f} MB free" if free is not None else ""
+        return f"disk full: no space left on the disk holding {folder}{room}"
+    return _one_line(exc)
 
 
 def _one_line(exc: BaseException) -> str:

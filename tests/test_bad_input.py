@@ -146,8 +146,8 @@ def check_good_scene(out: Path, good: Path) -> None:
 
 
 def check_out_dir_clean(out: Path, good: Path) -> None:
-    """Only the good scene's folder and summary.csv; nothing hidden or temporary anywhere."""
-    assert sorted(os.listdir(out)) == sorted(["summary.csv", good.stem])
+    """Only the good scene's folder and the run's files; nothing hidden or temporary anywhere."""
+    assert sorted(os.listdir(out)) == sorted(["summary.csv", "run-manifest.json", "runs", good.stem])
     for dirpath, dirnames, filenames in os.walk(out):
         for name in dirnames + filenames:
             assert not name.startswith("."), os.path.join(dirpath, name)
@@ -192,8 +192,8 @@ def test_pipeline_run_isolates_bad_inputs(inputs, first_run):
 
 
 def test_cli_run_isolates_bad_inputs(ray_session, inputs, first_run):
-    """The same inputs through the CLI, into the same ``out/`` (a rerun: the good scene's folder is
-    replaced; bad inputs still leave nothing)."""
+    """The same inputs through the CLI, into the same ``out/`` (a rerun: the good scene is unchanged
+    and skipped, the bad inputs are tried again and still leave nothing)."""
     cfg, out, _ = first_run
     result = CliRunner().invoke(cli, ["-q", "run", *input_list(inputs), "--out", str(out), "--config", str(cfg)])
     assert result.exit_code == 1, (result.output, result.exception)
@@ -207,7 +207,7 @@ def test_cli_run_isolates_bad_inputs(ray_session, inputs, first_run):
         for w in EXPECTED[name]:
             assert w in hits[0], hits[0]
         failures.append((str(inputs[name]), hits[0].removeprefix("error: ")))
-    assert "1 scene(s) ok, 7 failed" in result.stdout
+    assert "0 processed, 1 unchanged (skipped), 7 failed" in result.stdout
     check_failures(failures, inputs)
     check_good_scene(out, inputs["good"])
     check_out_dir_clean(out, inputs["good"])

@@ -114,7 +114,7 @@ def test_normalisations_use_fixed_values():
     assert torch.allclose(y, torch.tensor([[[[0.0, 10.0]], [[-7.0, 1.0]]]]))  # 0 -> floor 1e-6 -> -60 dB
     with pytest.raises(ConfigError, match="clip_high must be > its clip_low"):
         config_from_dict({"models": {"m": {**base, "normalize": {"clip_low": [5, 5], "clip_high": [1, 9]}}}})
-    with pytest.raises(ConfigError, match="2 values per band for 3 bands"):
+    with pytest.raises(ConfigError, match=r"bands \[1, 2, 3\] feed 3 band\(s\) to a model whose normalize has 2 values per band"):
         config_from_dict({"models": {"m": {**base, "bands": [1, 2, 3], "normalize": {"mean": [0, 0], "std": [1, 1]}}}})
 
 

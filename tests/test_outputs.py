@@ -87,16 +87,16 @@ def test_summaries_agree_and_count_only_valid_pixels(outputs):
     assert int(ships["count"]) == summary["models"]["ships"]["classes"]["ship"]["count"]
 
 
-def test_resume_skips_scenes_done_with_the_same_config(outputs, oracle_config_path):
+def test_rerun_skips_scenes_done_with_the_same_config(outputs, oracle_config_path):
     scene, out = outputs
     summary_path = out / "small" / "summary.json"
     before = summary_path.stat().st_mtime_ns
     same = load_config(oracle_config_path, {"tiling": {"tile_size": 256, "halo": 16}})
-    report = run([str(scene.parent)], out, same, progress=False, resume=True)
+    report = run([str(scene.parent)], out, same, progress=False)
     assert report.ok and report.skipped == 1 and summary_path.stat().st_mtime_ns == before
     assert report.summaries[0]["models"] == json.loads(summary_path.read_text())["models"]
     other = load_config(oracle_config_path, {"tiling": {"tile_size": 512, "halo": 16}})
-    report = run([str(scene.parent)], out, other, progress=False, resume=True)
+    report = run([str(scene.parent)], out, other, progress=False)
     assert report.ok and report.skipped == 0 and summary_path.stat().st_mtime_ns > before
 
 

@@ -29,13 +29,20 @@ def test_s3_in_and_out_equals_local_run(ray_session, s3_server, s3_bucket, synth
 
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket, Prefix="out/")["Contents"]}
     names = ["scene.gpkg", "scene_landuse.tif", "scene_buildings.tif", "scene_ships.tif", "summary.json", MANIFEST]
-    assert keys == {f"out/scene/{n}" for n in names} | {"out/summary.csv"}
+    run_record = f"out/runs/{report.run_id}.json"
+    assert keys == {f"out/scene/{n}" for n in names} | {"out/summary.csv", "out/run-manifest.json", run_record}
     manifest = json.loads(s3.get_object(Bucket=s3_bucket, Key=f"out/scene/{MANIFEST}")["Body"].read())
     assert set(manifest["files"]) == set(names) - {MANIFEST}
     for name, entry in manifest["files"].items():
         assert s3.head_object(Bucket=s3_bucket, Key=f"out/scene/{name}")["ContentLength"] == entry["bytes"]
     csv_text = s3.get_object(Bucket=s3_bucket, Key="out/summary.csv")["Body"].read().decode()
     assert "broken.TIF,failed" in csv_text
+    # A rerun knows the object by its ETag: nothing to redo but the broken input.
+    again = run([f"s3://{s3_bucket}/in/"], f"s3://{s3_bucket}/out", config, progress=False)
+    assert (again.processed, again.skipped, len(again.failures)) == (0, 1, 1)
+    entry = json.loads(s3.get_object(Bucket=s3_bucket, Key="out/run-manifest.json")["Body"].read())["inputs"][
+        f"s3://{s3_bucket}/in/scene.tif"]
+    assert entry["run"] == report.run_id and entry["fingerprint"]["etag"]
 
     local = run([str(synth_scene)], tmp_path / "local", config, progress=False)
     assert local.ok, local.failures

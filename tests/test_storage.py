@@ -136,6 +136,17 @@ def test_list_rasters(s3_bucket: str) -> None:
     assert list_rasters(f"s3://{s3_bucket}/scenes") == expected
     assert list_rasters(f"s3://{s3_bucket}") == [f"s3://{s3_bucket}/top.tif"]
     assert list_rasters(f"s3://{s3_bucket}/empty/") == []
+    deep = expected + [f"s3://{s3_bucket}/scenes/sub/e.tif"]
+    assert list_rasters(f"s3://{s3_bucket}/scenes/", recursive=True) == sorted(deep)
+    # Output names mirror the keys below the prefix; a prefix without its slash is a prefix too.
+    from geoseg.discover import find_inputs
+
+    found, errors = find_inputs([f"s3://{s3_bucket}/scenes"], recursive=True)
+    assert not errors and {f.path: f.name for f in found} == {
+        f"s3://{s3_bucket}/scenes/{k}": v for k, v in (("B.TIF", "B"), ("a.tif", "a"), ("c.Tiff", "c"), ("sub/e.tif", "sub/e"))}
+    found, errors = find_inputs([f"s3://{s3_bucket}/other/f.tif", f"s3://{s3_bucket}/empty/"])
+    assert [(f.path, f.name) for f in found] == [(f"s3://{s3_bucket}/other/f.tif", "f")]
+    assert [e.path for e in errors] == [f"s3://{s3_bucket}/empty/"]
 
 
 def test_list_rasters_missing_bucket(s3_server: str) -> None:

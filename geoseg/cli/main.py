@@ -11,7 +11,9 @@ import click
 from geoseg import __version__
 from geoseg.errors import GeosegError
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
+# Package data (geoseg/defaults/: the wheel carries the config and its models); in a checkout a
+# symlink to configs/default.yaml, whose model paths resolve against configs/.
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "defaults" / "configs" / "default.yaml"
 
 
 @click.group()
@@ -36,16 +38,25 @@ def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
 @click.option("--batch-size", type=int, default=None, help="Tiles per model call.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None)
 @click.option("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray).")
-@click.option("--resume", is_flag=True, help="Skip inputs already done with the same config (see summary.json).")
+@click.option("--recursive", "-r", is_flag=True, help="Take rasters in sub-folders too (outputs mirror them).")
+@click.option("--force", is_flag=True, help="Redo every input, even those unchanged since they were done.")
+@click.option("--resume", is_flag=True, hidden=True, help="No effect: every run skips unchanged inputs.")
 @click.pass_context
 def run(ctx: click.Context, inputs: tuple[str, ...], out_dir: str, config_path: str | None, tile_size: int | None,
-        halo: int | None, batch_size: int | None, device: str | None, address: str | None, resume: bool) -> None:
-    """Segment every GeoTIFF in INPUTS (files or folders) into OUT.
+        halo: int | None, batch_size: int | None, device: str | None, address: str | None, recursive: bool,
+        force: bool, resume: bool) -> None:
+    """Segment every GeoTIFF in INPUTS (files, folders, globs, s3:// prefixes) into OUT.
+
+    Inputs done before from the same bytes with the same config and models are skipped (see
+    OUT/run-manifest.json); new and changed ones are processed. Each input writes OUT/<name>/,
+    where <name> is its path below the folder given (scenes/a/x.tif -> OUT/a/x/).
 
     \b
     Examples:
-      geoseg run scenes/ --out out/
-      geoseg run scenes/ --out out/ --resume      # nightly: skip scenes already done
+      geoseg run scenes/ --out out/                # nightly: only new or changed scenes
+      geoseg run scenes/ --out out/ --recursive    # scenes/**/*.tif, mirrored under out/
+      geoseg run 'scenes/2026-*/*.tif' --out out/  # a glob (quoted: geoseg expands it)
+      geoseg run scenes/ --out out/ --force        # redo everything
       geoseg run a.tif b.tif --out out/ --config configs/default.yaml --tile-size 1024
       geoseg run /vsis3/bucket/scene.tif --out out/ --address ray://head:10001
       geoseg run s3://bucket/scenes/ --out s3://bucket/results   # AWS_* variables, see README
@@ -56,13 +67,15 @@ def run(ctx: click.Context, inputs: tuple[str, ...], out_dir: str, config_path: 
 
     overrides = {"tiling": {"tile_size": tile_size, "halo": halo}, "runtime": {"batch_size": batch_size, "device": device}}
     config = load_config(config_path or DEFAULT_CONFIG, overrides)
-    report = run_pipeline(list(inputs), out_dir, config, address=address, progress=not ctx.obj["quiet"], resume=resume)
+    del resume  # kept so that old nightly scripts still run: skipping unchanged inputs is the default
+    report = run_pipeline(list(inputs), out_dir, config, address=address, progress=not ctx.obj["quiet"],
+                          force=force, recursive=recursive)
     for path, error in report.failures:
         click.echo(f"error: {error}" if path in error else f"error: {path}: {error}", err=True)
-    skipped = f" ({report.skipped} skipped: already done)" if report.skipped else ""
     click.echo(
-        f"{len(report.summaries)} scene(s) ok{skipped}, {len(report.failures)} failed; {report.tiles} tiles, "
-        f"{report.megapixels:.1f} Mpx in {report.seconds:.1f} s -> {OutputStore(out_dir).uri('summary.csv')}"
+        f"{report.processed} processed, {report.skipped} unchanged (skipped), {len(report.failures)} failed; "
+        f"{report.tiles} tiles, {report.megapixels:.1f} Mpx in {report.seconds:.1f} s -> "
+        f"{OutputStore(out_dir).uri('summary.csv')}"
     )
     if not report.ok:
         sys.exit(1)
