@@ -135,18 +135,26 @@ class Predictor:
         out: list[dict[str, Any]] = [
             {"tile": p["tile"], "status": p["status"], "error": p.get("error"), "valid": p.get("valid")} for p in batch
         ]
-        groups: dict[tuple[str, int], list[int]] = {}
+        groups: dict[tuple[str, int, int], list[int]] = {}
         for i, p in enumerate(batch):
             if p["status"] == "ok":
-                groups.setdefault((str(p["image"].dtype), p["image"].shape[0]), []).append(i)
-        for idx in groups.values():
-            for i, heads in zip(idx, self._run([batch[i] for i in idx])):
+                groups.setdefault((str(p["image"].dtype), p["image"].shape[0], self._side(p["tile"])), []).append(i)
+        for (_, _, side), idx in groups.items():
+            for i, heads in zip(idx, self._run([batch[i] for i in idx], side)):
                 out[i]["heads"] = heads
         return out
 
+    def _side(self, tile: Tile) -> int:
+        """The padded square a tile runs in: the full tile's, or smaller for a tile whose core is
+        smaller (a small raster, a corner). A property of the tile alone, never of the batch it
+        travels in, so results do not depend on batching; small scenes then cost what their
+        pixels cost, not a full tile's model run."""
+        core = max(int(tile.core.height), int(tile.core.width))
+        return min(self.side, padded_size(core, self.halo))
+
     @torch.inference_mode()
-    def _run(self, payloads: list[dict[str, Any]]) -> list[dict[str, np.ndarray]]:
-        arrays = [pad_to_square(p["image"], p["tile"], self.halo, self.side) for p in payloads]
+    def _run(self, payloads: list[dict[str, Any]], side: int) -> list[dict[str, np.ndarray]]:
+        arrays = [pad_to_square(p["image"], p["tile"], self.halo, side) for p in payloads]
         stacked = np.stack(arrays)
         stacked = stacked.astype(_WIDEN.get(stacked.dtype, stacked.dtype), copy=False)
         x = torch.from_numpy(stacked)
@@ -155,7 +163,7 @@ class Predictor:
         # Reorder to channels_last while pixels are still 1-2 bytes; float and the element-wise
         # normalisation keep the layout, so no float-sized copy is spent on it.
         x = x.contiguous(memory_format=torch.channels_last).float()
-        valid = _padded_valid(payloads, self.halo, self.side, x.device)
+        valid = _padded_valid(payloads, self.halo, side, x.device)
         results: list[dict[str, np.ndarray]] = [{} for _ in payloads]
         every_band = list(range(x.shape[1]))
         for name, (spec, model, positions) in self.heads.items():

@@ -85,7 +85,7 @@ def test_flags_override_config(ray_session, small_scene, tmp_path):
             "--tile-size", "128", "--halo", "8", "--batch-size", "2"]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, (result.output, result.exception)
-    assert "1 scene(s) ok, 0 failed; 9 tiles" in result.stdout
+    assert "1 processed, 0 unchanged (skipped), 0 failed; 9 tiles" in result.stdout
     summary = json.loads((out / "small" / "summary.json").read_text())
     assert summary["tiles"] == math.ceil(300 / 128) ** 2 == 9  # the config's 512 would give 1 tile
     with rasterio.open(out / "small" / "small_side.tif") as ds:
@@ -95,8 +95,10 @@ def test_flags_override_config(ray_session, small_scene, tmp_path):
     valid = side != 255
     assert valid.any()
     # Tile 128 + 2 x halo 8 = 144, padded to 160; the config's values would give 640 (or 544, 256).
-    assert padded_size(128, 8) == 160
-    assert set(np.unique(side[valid])) == {160 // 32}
+    # The corner tile's core is 44 x 44 (300 = 2 x 128 + 44): it runs in a smaller square, 64.
+    assert padded_size(128, 8) == 160 and padded_size(44, 8) == 64
+    assert set(np.unique(side[:256][valid[:256]])) == set(np.unique(side[:, :256][valid[:, :256]])) == {160 // 32}
+    assert set(np.unique(side[256:, 256:][valid[256:, 256:]])) == {64 // 32}
     # Batches of at most 2 tiles (the config says 8, and there are 9 tiles).
     codes = set(np.unique(batch[valid]).tolist())
     assert codes <= {1, 2} and 2 in codes, codes
@@ -105,13 +107,17 @@ def test_flags_override_config(ray_session, small_scene, tmp_path):
 def test_config_values_apply_without_flags(ray_session, small_scene, tmp_path):
     cfg = probe_config(tmp_path, {"tile_size": 256, "halo": 16}, {"batch_size": 3})
     out = tmp_path / "out"
-    result = CliRunner().invoke(cli, ["-q", "run", str(small_scene), "--out", str(out), "--config", str(cfg)])
+    even = tmp_path / "even.tif"  # 2 x 2 whole tiles: every tile runs in the configured square
+    from geoseg.synth import write_scene
+
+    write_scene(even, size=512, seed=4)
+    result = CliRunner().invoke(cli, ["-q", "run", str(even), "--out", str(out), "--config", str(cfg)])
     assert result.exit_code == 0, (result.output, result.exception)
-    summary = json.loads((out / "small" / "summary.json").read_text())
+    summary = json.loads((out / "even" / "summary.json").read_text())
     assert summary["tiles"] == 4
-    with rasterio.open(out / "small" / "small_side.tif") as ds:
+    with rasterio.open(out / "even" / "even_side.tif") as ds:
         side = ds.read(1)
-    with rasterio.open(out / "small" / "small_batch.tif") as ds:
+    with rasterio.open(out / "even" / "even_batch.tif") as ds:
         batch = ds.read(1)
     valid = side != 255
     assert set(np.unique(side[valid])) == {padded_size(256, 16) // 32}
