@@ -47,7 +47,9 @@ TRIVIAL = "bench/models.py:trivial_semantic"
 UNET_FILE, UNET_MODULE = "bench/models.py:unet_resnet18", "bench.models:unet_resnet18"
 BOUND_MIB = round(1.5e9 / 2**20, 1)  # 1.5 GB (decimal) = 1430.5 MiB
 PIXEL_SIZE_M = 10.0  # synthetic rasters: 10 m pixels, planar UTM
-SECTIONS = ("trivial", "unet", "driver_cpu", "start", "worldcover", "instances")
+SECTIONS = ("trivial", "unet", "driver_cpu", "start", "worldcover", "instances", "small_scenes")
+# The last commit before incremental runs and per-tile model squares: "before" of small_scenes.
+SMALL_SCENES_BEFORE = "2a64f10"
 KEPT = (*SECTIONS, "gpu")  # sections of results.json kept when not re-run (others are superseded: dropped)
 CLASSES5 = ["c0", "c1", "c2", "c3", "c4"]
 
@@ -121,14 +123,15 @@ def _kill_tree(pid: int) -> None:
 
 
 def _child(module: str, args: list[str], monitor: bool = False, timeout: int = 1500,
-           python: str | None = None) -> dict[str, Any]:
-    """Run ``python -m module args --json tmp``; returns its JSON (plus the monitor's figures)."""
+           python: str | None = None, repo: Path = REPO) -> dict[str, Any]:
+    """Run ``python -m module args --json tmp`` in ``repo`` (another checkout measures another
+    version of geoseg); returns its JSON (plus the monitor's figures)."""
     fd, tmp = tempfile.mkstemp(suffix=".json", dir=SCRATCH)
     os.close(fd)
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(repo), "PYTHONUNBUFFERED": "1"}
     cmd = [python or sys.executable, "-m", module, *args, "--json", tmp]
     started = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     mon = Monitor(proc.pid) if monitor else None
     err = ""
     try:
@@ -177,20 +180,21 @@ def three_heads_config() -> dict[str, Any]:
 
 
 def pipeline(rasters: list[Path], config: dict[str, Any], tag: str, num_cpus: int | None = None,
-             monitor: bool = True, timeout: int = 1500, extra: list[str] | None = None) -> dict[str, Any]:
-    """One ``geoseg.pipeline.run`` in a child process (``bench/child_pipeline.py``)."""
+             monitor: bool = True, timeout: int = 1500, extra: list[str] | None = None,
+             repo: Path = REPO) -> dict[str, Any]:
+    """One ``geoseg.pipeline.run`` in a child process (``bench/child_pipeline.py`` of ``repo``)."""
     out_dir = SCRATCH / f"out-{tag}"
     shutil.rmtree(out_dir, ignore_errors=True)
     cfg = SCRATCH / f"config-{tag}.json"
     cfg.write_text(json.dumps(config, indent=2))
-    args = ["--out", str(out_dir), "--config", str(cfg), "--base-dir", str(REPO)]
+    args = ["--out", str(out_dir), "--config", str(cfg), "--base-dir", str(repo)]
     for r in rasters:
         args += ["--input", str(r)]
     if num_cpus is not None:
         args += ["--num-cpus", str(num_cpus)]
     args += extra or []
     load = _load()
-    res = _child("bench.child_pipeline", args, monitor=monitor, timeout=timeout)
+    res = _child("bench.child_pipeline", args, monitor=monitor, timeout=timeout, repo=repo)
     res.update(load_avg_before=load, load_avg_after=_load())
     summaries = sorted(out_dir.glob("*/summary.json"))
     if summaries:
@@ -412,6 +416,59 @@ def bench_start() -> dict[str, Any]:
                            "order": "child first, then the CLI (both with warm file caches after the other sections)"}}
 
 
+def bench_small_scenes(count: int, size: int) -> dict[str, Any]:
+    """Fixed cost per scene: ``count`` rasters of ``size``^2 through the default config, this
+    version against the commit before the per-scene work (a git worktree of it, same machine)."""
+    folder = SCRATCH / f"small-{count}x{size}"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    first = write_raster(folder / "s0000.tif", size, pixel_size=1.0)
+    rasters = [first] + [Path(shutil.copy(first, folder / f"s{i:04d}.tif")) for i in range(1, count)]
+    base = _default_config_dict()
+    runs: dict[str, Any] = {}
+    before = SCRATCH / "worktree-before"
+    shutil.rmtree(before, ignore_errors=True)
+    subprocess.run(["git", "worktree", "prune"], cwd=REPO, capture_output=True)
+    made = subprocess.run(["git", "worktree", "add", "--detach", str(before), SMALL_SCENES_BEFORE], cwd=REPO,
+                          capture_output=True, text=True)
+    versions = [("after", REPO)] + ([("before", before)] if made.returncode == 0 else [])
+    try:
+        for tag, repo in versions:
+            log(f"small_scenes: {count} x {size}^2, default config, {tag} ({repo})")
+            res = pipeline(rasters, base, f"small-{tag}", monitor=False, timeout=3000, repo=repo)
+            if "error" not in res:
+                res["seconds_per_scene"] = round(res["wall_s"] / count, 3)
+                span = res.get("first_to_last_tile_s")
+                res["seconds_per_scene_steady"] = round(span / (count - 1), 3) if span else None
+            runs[tag] = res
+    finally:
+        if made.returncode == 0:
+            subprocess.run(["git", "worktree", "remove", "--force", str(before)], cwd=REPO, capture_output=True)
+    after, old = runs.get("after", {}), runs.get("before", {})
+    checks = [
+        check(f"seconds per scene, run() wall / {count} (Ray start included), after", after.get("seconds_per_scene"), "s"),
+        check(f"seconds per scene, run() wall / {count}, before ({SMALL_SCENES_BEFORE})", old.get("seconds_per_scene"), "s"),
+        check("seconds per scene between first and last tile, after", after.get("seconds_per_scene_steady"), "s"),
+        check("seconds per scene between first and last tile, before", old.get("seconds_per_scene_steady"), "s"),
+        check("before / after (run() wall)", ratio(old.get("wall_s"), after.get("wall_s"), 2), "x"),
+    ]
+    if made.returncode != 0:
+        checks.append(check("before: git worktree failed", made.stderr.strip()[:200], ""))
+    return {"title": f"Fixed cost per scene: {count} rasters of {size} x {size}, default config", "checks": checks,
+            "runs": runs, "parameters": {"count": count, "size": size, "config": "configs/default.yaml",
+                                         "before": SMALL_SCENES_BEFORE, "ray_cpus": "all (run() starts Ray)"}}
+
+
+def _default_config_dict() -> dict[str, Any]:
+    """configs/default.yaml with its model paths made absolute (both versions load the same weights)."""
+    import yaml
+
+    config = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    for spec in config["models"].values():
+        spec["weights"] = str((DEFAULT_CONFIG.resolve().parent / spec["weights"]).resolve())
+    return config
+
+
 def _worldcover_input(quick: bool) -> Path | None:
     found = sorted(WORLDCOVER_DIR.glob("*.tif"))
     if not found:
@@ -576,6 +633,7 @@ def main() -> None:
         "start": bench_start,
         "worldcover": lambda: bench_worldcover(q, results.get("trivial")),
         "instances": lambda: bench_instances([1500, 3000] if q else [6000, 12000], 512, 64),
+        "small_scenes": lambda: bench_small_scenes(20 if q else 200, 64),
     }
     for section in [s for s in SECTIONS if s in only]:
         t = time.monotonic()
