@@ -86,11 +86,9 @@ def main() -> None:
         config = config_from_dict(json.load(fh), "<bench>", base_dir=args.base_dir)
     ray_started_by = "run"
     ray_start_s = None
-    # Ray is started here when the run must not start (and stop) it itself: fewer CPUs than the
-    # machine's, or the driver's idle CPU is measured with Ray up after the run.
-    if (args.num_cpus is not None and args.num_cpus != os.cpu_count()) or args.idle_seconds > 0:
+    if args.num_cpus is not None and args.num_cpus != os.cpu_count():
         t = time.perf_counter()
-        _start_ray(args.num_cpus or os.cpu_count())
+        _start_ray(args.num_cpus)
         ray_start_s, ray_started_by = round(time.perf_counter() - t, 2), "bench"
     rss_before_kb = rss_kb(os.getpid())
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
@@ -108,7 +106,7 @@ def main() -> None:
         after = resource.getrusage(resource.RUSAGE_SELF)
         idle_cpu_per_s = round((after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
                                / args.idle_seconds, 5)
-    up = ray.is_initialized()  # run() stops a Ray it started itself
+    up = ray.is_initialized()  # run() leaves the Ray it started up until the process exits
     cpus = ray.cluster_resources().get("CPU") if up else float(os.cpu_count() or 1)
     gpus = ray.cluster_resources().get("GPU", 0) if up else None
     ray.shutdown()

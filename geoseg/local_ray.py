@@ -1,9 +1,11 @@
 """The Ray a run uses, and what it leaves behind on a laptop.
 
-A run joins a Ray that is already up (a cluster, a notebook's) and leaves it as it is. Otherwise
-it connects to ``--address``/``RAY_ADDRESS``, or starts a local Ray, and shuts it down at the end.
+A run joins a Ray that is already up (a cluster, a notebook's, one an earlier run started) and
+leaves it as it is. Otherwise it connects to ``--address``/``RAY_ADDRESS``, or starts a local Ray,
+which stays up for the next run in the same process and is shut down when the process exits
+(stopping a local Ray takes about 1.5 s: a command pays it once, at its end, not inside ``run``).
 A local Ray started here is marked as geoseg's, and its session folder (logs, sockets, spilled
-objects: Ray never deletes them) is removed when the run ends. A run killed with SIGKILL cannot
+objects: Ray never deletes them) is removed at that exit. A run killed with SIGKILL cannot
 clean up: two Ray agents outlive it for a while and its session folder stays, so each new run
 first sweeps the sessions of geoseg runs whose driver is gone (their leftover processes are ended,
 their folders removed). Sessions of clusters started with ``ray start`` are never touched.
@@ -12,6 +14,7 @@ Set ``GEOSEG_KEEP_RAY_SESSION=1`` to keep the session folder for debugging.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -57,12 +60,16 @@ def ray_for_run(address: str | None) -> Iterator[None]:
         with contextlib.suppress(OSError):
             (session / MARKER).write_text(str(os.getpid()))
         sweep_stale_sessions(session.parent)
-    try:
-        yield
-    finally:
-        ray.shutdown()
-        if session is not None and not os.environ.get("GEOSEG_KEEP_RAY_SESSION"):
-            remove_session(session)
+    # Registered after ray.init, so it runs before Ray's own exit hook (last in, first out).
+    atexit.register(_shut_down, session)
+    yield
+
+
+def _shut_down(session: Path | None) -> None:
+    """At exit: stop the Ray this process started or joined, then remove a local session folder."""
+    ray.shutdown()
+    if session is not None and not os.environ.get("GEOSEG_KEEP_RAY_SESSION"):
+        remove_session(session)
 
 
 def _session_dir() -> Path | None:
