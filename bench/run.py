@@ -10,7 +10,9 @@ Sections (each measurement in its own subprocess, so a peak is one run's; see ``
   seconds per extra megapixel;
 - ``start``: first tile and end to end of ``geoseg run`` on a 1024^2 image with the default config;
 - ``worldcover``: the 36000^2 ESA WorldCover tile (trivial model): memory against the 8192^2 run;
-- ``instances``: instance decoding + vectorising + seam merging + export on planted scenes.
+- ``instances``: instance decoding + vectorising + seam merging + export on planted scenes;
+- ``small_scenes``: seconds per scene for 200 rasters of 64^2 (default config), this version
+  against commit ``SMALL_SCENES_BEFORE`` (a git worktree).
 
 ``bench/gpu.py`` writes a ``gpu`` section into the same JSON (on a CUDA machine).
 
