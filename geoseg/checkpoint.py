@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import zlib
 from pathlib import Path
 from typing import Any
@@ -29,9 +30,11 @@ STAMP_FILE = "checkpoint.json"
 _SUFFIX = ".pkl.z"
 
 
-def checkpoint_stamp(path: str, fingerprint: dict[str, Any] | None, config_id: str) -> dict[str, Any] | None:
-    """What a checkpoint must match to be resumed; None when the input's bytes cannot be told apart."""
-    if fingerprint is None or not config_id:
+def checkpoint_stamp(path: str, fingerprint: dict[str, Any] | None, config_id: str,
+                     n_tiles: int) -> dict[str, Any] | None:
+    """What a scene's checkpoint must match to be resumed; None when the scene is not checkpointed
+    (fewer than ``MIN_TILES`` tiles, or the input's bytes cannot be told apart)."""
+    if n_tiles < MIN_TILES or fingerprint is None or not config_id:
         return None
     return {"input": path, "fingerprint": fingerprint, "config": config_id}
 
@@ -74,7 +77,5 @@ def load_tile(staging: Path, index: int) -> Any:
 
 def drop(staging: Path) -> None:
     """Remove the checkpoint before the scene's files are published."""
-    import shutil
-
     shutil.rmtree(staging / TILES_DIR, ignore_errors=True)
     (staging / STAMP_FILE).unlink(missing_ok=True)

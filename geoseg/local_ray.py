@@ -26,6 +26,8 @@ from typing import Iterator
 
 import ray
 
+from geoseg.lock import process_alive
+
 log = logging.getLogger("geoseg")
 # A local Ray caps its object store: tile batches in flight need little, and the store's pages
 # count in every process that maps them.
@@ -87,16 +89,6 @@ def remove_session(session: Path) -> None:
     shutil.rmtree(session, ignore_errors=True)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _holders(folder: Path) -> list[int]:
     """Processes with a file open under ``folder`` (Linux /proc; none found elsewhere)."""
     prefix = str(folder.resolve()) + os.sep
@@ -123,7 +115,7 @@ def sweep_stale_sessions(root: Path) -> list[Path]:
             driver = int((session / MARKER).read_text().strip())
         except (OSError, ValueError):
             continue  # not started by a geoseg run (e.g. `ray start`): not ours to touch
-        if _alive(driver):
+        if process_alive(driver):
             continue
         for pid in _holders(session):
             with contextlib.suppress(OSError):

@@ -22,7 +22,8 @@ LOCK_NAME = ".geoseg.lock"
 STARTING_S = 10.0  # an unreadable lock younger than this belongs to a run that is starting
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """True while process ``pid`` exists on this host (someone else's counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -82,4 +83,4 @@ class RunLock:
     @staticmethod
     def _stale(holder: dict[str, object]) -> bool:
         pid = holder.get("pid")
-        return holder.get("host") == socket.gethostname() and isinstance(pid, int) and not _alive(pid)
+        return holder.get("host") == socket.gethostname() and isinstance(pid, int) and not process_alive(pid)

@@ -89,10 +89,6 @@ class RunReport:
         return self.progress[0][0] if self.progress else None
 
 
-def _published_summary(store: OutputStore, name: str) -> dict[str, Any] | None:
-    return read_json(store, f"{name}/summary.json")
-
-
 def _plan_inputs(inputs: list[str], store: OutputStore, report: RunReport, force: bool, recursive: bool,
                  manifest: dict[str, dict[str, Any]]) -> list[tuple[FoundInput, dict[str, Any] | None]]:
     """Find the inputs and keep those to process: new, changed, failed before, or made with another
@@ -158,7 +154,8 @@ def run(inputs: list[str], out_dir: str | Path, config: Config, address: str | N
     processed here) and ``runs/<run id>.json`` (this run's record) in ``out_dir``.
     """
     started = time.monotonic()
-    report = RunReport(started_unix=time.time(), run_id=new_run_id(), config_id=config_fingerprint(config))
+    versions = model_versions(config)  # reads every model's weights: once per run
+    report = RunReport(started_unix=time.time(), run_id=new_run_id(), config_id=config_fingerprint(config, versions))
     store = OutputStore(out_dir)
     store.check_writable()
     with contextlib.nullcontext() if store.remote else RunLock(out_dir):  # one run per output folder
@@ -169,13 +166,13 @@ def run(inputs: list[str], out_dir: str | Path, config: Config, address: str | N
             _run_locked(inputs, store, config, address, progress, force, recursive, manifest, report)
         finally:
             report.seconds = time.monotonic() - started
-            _record(store, config, manifest, report)
+            _record(store, versions, manifest, report)
     return report
 
 
-def _record(store: OutputStore, config: Config, manifest: dict[str, dict[str, Any]], report: RunReport) -> None:
+def _record(store: OutputStore, versions: dict[str, str], manifest: dict[str, dict[str, Any]],
+            report: RunReport) -> None:
     """The run's files: summary.csv, the run manifest with this run's inputs updated, its record."""
-    versions = model_versions(config)
     for summary in report.summaries:
         manifest[input_key(summary["input"])] = {**entry_from_summary(summary), "models": versions}
     for path, error in report.failures:

@@ -41,7 +41,7 @@ class SceneInfo:
     @property
     def stem(self) -> str:
         """Prefix of the scene's file names: the last part of its output folder."""
-        return (self.name or output_name(Path(self.path).name)).rsplit("/", 1)[-1]
+        return self.folder.rsplit("/", 1)[-1]
 
     @property
     def folder(self) -> str:

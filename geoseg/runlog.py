@@ -26,7 +26,7 @@ from typing import Any
 
 from geoseg.config import Config
 from geoseg.contract import resolve
-from geoseg.storage import OutputStore, gdal_path, is_s3
+from geoseg.storage import OutputStore, is_s3, object_info
 
 RUN_MANIFEST = "run-manifest.json"
 RUNS_FOLDER = "runs"
@@ -57,14 +57,7 @@ def input_fingerprint(path: str) -> dict[str, Any] | None:
     """What identifies an input's bytes without reading them: size and mtime of a file, size and
     ETag of an S3 object; None where neither is known (the input is then always processed)."""
     if is_s3(path) or path.startswith("/vsis3/"):
-        from geoseg.storage import _client, _split
-
-        bucket, key = _split("s3://" + gdal_path(path)[len("/vsis3/"):])
-        try:
-            head = _client().head_object(Bucket=bucket, Key=key)
-        except Exception:  # unreachable now: the scene's own read reports why
-            return None
-        return {"bytes": int(head["ContentLength"]), "etag": str(head.get("ETag", "")).strip('"')}
+        return object_info(path)
     try:
         st = os.stat(path)
     except OSError:
@@ -106,10 +99,11 @@ def model_versions(config: Config) -> dict[str, str]:
     return versions
 
 
-def config_fingerprint(config: Config) -> str:
-    """Hash of the resolved config and of every model's version: outputs made with an equal
-    fingerprint came from the same settings and the same networks."""
-    text = config.model_dump_json() + json.dumps(model_versions(config), sort_keys=True)
+def config_fingerprint(config: Config, versions: dict[str, str] | None = None) -> str:
+    """Hash of the resolved config and of every model's version (``versions``, hashed here when not
+    given): outputs made with an equal fingerprint came from the same settings and networks."""
+    versions = model_versions(config) if versions is None else versions
+    text = config.model_dump_json() + json.dumps(versions, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

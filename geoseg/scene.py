@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from geoseg.checkpoint import MIN_TILES, checkpoint_stamp, load_tile, save_tile
+from geoseg.checkpoint import checkpoint_stamp, load_tile, save_tile
 from geoseg.checkpoint import drop as drop_checkpoint
 from geoseg.config import Config
 from geoseg.export import (
@@ -50,8 +50,8 @@ class SceneJob:
         self.scale = scale or ground_scale(info.crs_wkt, info.transform, info.width, info.height)
         # Large scenes checkpoint each tile result in their staging folder (geoseg.checkpoint), so a
         # killed run's next run replays them instead of recomputing them.
-        self.checkpoint = checkpoint_stamp(info.path, info.fingerprint, self.stamp.get("config", "")) \
-            if self.n_tiles >= MIN_TILES and not store.remote else None
+        self.checkpoint = None if store.remote else checkpoint_stamp(
+            info.path, info.fingerprint, self.stamp.get("config", ""), self.n_tiles)
         self.tmp_dir = store.staging_dir(info.folder, self.checkpoint)
         self.gpkg = self.tmp_dir / f"{info.stem}.gpkg"
         profile = {"width": info.width, "height": info.height, "crs": info.crs_wkt, "transform": info.transform}

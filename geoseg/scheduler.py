@@ -15,7 +15,7 @@ import ray
 from tqdm import tqdm
 
 from geoseg.actors import cpu_nodes, task_cpus
-from geoseg.checkpoint import MIN_TILES, checkpoint_stamp, finished_tiles
+from geoseg.checkpoint import checkpoint_stamp, finished_tiles
 from geoseg.config import Config
 from geoseg.grid import Tile, plan_tiles, tile_grid_shape
 from geoseg.ray_errors import actor_hex, death_detail, one_line_error, plain_line, ray_cause, why_died
@@ -258,9 +258,7 @@ class Scheduler:
     def _resumable(self, scene: _Scene) -> list[int]:
         """Tiles of ``scene`` checkpointed by a killed run (or by this run's writer that died):
         its new writer replays them, and they are not sent again (``geoseg.checkpoint``)."""
-        if scene.n_tiles < MIN_TILES:
-            return []
-        stamp = checkpoint_stamp(scene.info.path, scene.info.fingerprint, self.stamp["config"])
+        stamp = checkpoint_stamp(scene.info.path, scene.info.fingerprint, self.stamp["config"], scene.n_tiles)
         done = finished_tiles(self.store.staging_path(scene.info.folder), stamp)
         if len(done) >= scene.n_tiles:
             done = done[:-1]  # one tile still flows: its acknowledgement is what finishes the scene

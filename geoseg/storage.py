@@ -140,6 +140,17 @@ def _boto_errors() -> tuple[type[BaseException], ...]:
     return (ClientError, BotoCoreError)
 
 
+def object_info(uri: str) -> dict[str, Any] | None:
+    """Size and ETag of object ``s3://bucket/key`` (or ``/vsis3/bucket/key``); None when it cannot
+    be reached (reading it will say why)."""
+    bucket, key = _split("s3://" + uri[len("/vsis3/"):] if uri.startswith("/vsis3/") else uri)
+    try:
+        head = _client().head_object(Bucket=bucket, Key=key)
+    except _boto_errors():
+        return None
+    return {"bytes": int(head["ContentLength"]), "etag": str(head.get("ETag", "")).strip('"')}
+
+
 def list_rasters(prefix: str, recursive: bool = False) -> list[str]:
     """The GeoTIFFs under ``s3://bucket/prefix/`` (``.tif``/``.tiff``, any case), as sorted ``s3://``
     URIs: those directly under it, like a local folder, or with ``recursive`` every "folder" below."""
@@ -273,8 +284,10 @@ class OutputStore:
             return Path(tempfile.mkdtemp(prefix=f"geoseg-{_flat(name)}-"))
         if checkpoint is not None and stamp_matches(staging, checkpoint):
             for entry in staging.iterdir():
-                if entry.name not in (TILES_DIR, STAMP_FILE):
-                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+                if entry.is_dir() and entry.name != TILES_DIR:
+                    shutil.rmtree(entry)
+                elif entry.is_file() and entry.name != STAMP_FILE:
+                    entry.unlink()
             return staging
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
