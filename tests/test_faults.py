@@ -29,7 +29,6 @@ import threading
 import time
 from pathlib import Path
 
-import geopandas as gpd
 import numpy as np
 import pytest
 import rasterio
@@ -38,6 +37,7 @@ import yaml
 from geoseg.config import load_config
 from geoseg.errors import GeosegError
 from geoseg.pipeline import RunReport, run
+from helpers.outputs import assert_same_scene
 
 HELPERS = Path(__file__).parent / "helpers"
 CLUSTER_RUN = HELPERS / "cluster_run.py"
@@ -58,38 +58,13 @@ def _scene_dirs(out: Path) -> dict[str, Path]:
     return dirs
 
 
-def _same_instances(a: np.ndarray, b: np.ndarray) -> bool:
-    """Equal up to renumbering: the same pixels are objects and the id map is one-to-one."""
-    if not ((a > 0) == (b > 0)).all():
-        return False
-    pairs = np.unique(np.stack([a[a > 0], b[b > 0]]), axis=1)
-    return len(np.unique(pairs[0])) == len(np.unique(pairs[1])) == pairs.shape[1]
-
-
-def _wkb_set(gpkg: Path, layer: str) -> list[bytes]:
-    return sorted(g.normalize().wkb for g in gpd.read_file(gpkg, layer=layer).geometry)
-
-
 def assert_same_outputs(expected: Path, got: Path, inputs: list[str], config_path: Path) -> None:
     """Every input's outputs in ``got`` equal those in ``expected`` (an undisturbed run)."""
-    heads = yaml.safe_load(config_path.read_text())["models"]
+    tasks = {head: spec["task"] for head, spec in yaml.safe_load(config_path.read_text())["models"].items()}
     a_dirs, b_dirs = _scene_dirs(expected), _scene_dirs(got)
     for path in inputs:
-        a, b = a_dirs[path], b_dirs[path]
-        stem = Path(path).stem
-        sa, sb = (json.loads((d / "summary.json").read_text()) for d in (a, b))
-        assert sa["models"] == sb["models"], path
-        assert sa["valid_pixels"] == sb["valid_pixels"] and sa["tiles"] == sb["tiles"], path
-        for head, spec in heads.items():
-            with rasterio.open(a / f"{stem}_{head}.tif") as x, rasterio.open(b / f"{stem}_{head}.tif") as y:
-                assert x.transform == y.transform and x.crs == y.crs and x.shape == y.shape
-                xa, ya = x.read(1), y.read(1)
-            if spec["task"] == "semantic":
-                assert xa.tobytes() == ya.tobytes(), (path, head)
-            else:
-                assert _same_instances(xa, ya), (path, head)
-            wa, wb = _wkb_set(a / f"{stem}.gpkg", head), _wkb_set(b / f"{stem}.gpkg", head)
-            assert wa and wa == wb, (path, head, len(wa), len(wb))
+        features = assert_same_scene(a_dirs[path], b_dirs[path], Path(path).stem, tasks)
+        assert all(features.values()), (path, features)
 
 
 def assert_no_partial_files(out: Path) -> None:

@@ -13,7 +13,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import geopandas as gpd
 import numpy as np
 import pytest
 import rasterio
@@ -23,6 +22,7 @@ from geoseg.discover import find_inputs, output_name
 from geoseg.pipeline import run
 from geoseg.runlog import RUN_MANIFEST, config_fingerprint, model_versions
 from geoseg.synth import write_scene
+from helpers.outputs import assert_same_scene
 
 REPO = Path(__file__).resolve().parents[1]
 # input path below the folder given -> the output folder it must get
@@ -44,24 +44,9 @@ def _tree(root: Path) -> dict[str, tuple[int, int]]:
             for p in root.rglob("*") if p.is_file()}
 
 
-def _same_instances(a: np.ndarray, b: np.ndarray) -> bool:
-    if not ((a > 0) == (b > 0)).all():
-        return False
-    pairs = np.unique(np.stack([a[a > 0], b[b > 0]]), axis=1)
-    return len(np.unique(pairs[0])) == len(np.unique(pairs[1])) == pairs.shape[1]
-
-
 def _assert_same_outputs(a: Path, b: Path, stem: str) -> None:
     """Two runs' outputs of one scene are equal (instance ids up to renumbering)."""
-    assert json.loads((a / "summary.json").read_text())["models"] == json.loads((b / "summary.json").read_text())["models"]
-    with rasterio.open(a / f"{stem}_landuse.tif") as x, rasterio.open(b / f"{stem}_landuse.tif") as y:
-        assert np.array_equal(x.read(1), y.read(1))
-    for head in ("buildings", "ships"):
-        with rasterio.open(a / f"{stem}_{head}.tif") as x, rasterio.open(b / f"{stem}_{head}.tif") as y:
-            assert _same_instances(x.read(1), y.read(1))
-    for layer in ("landuse", "buildings", "ships"):
-        ga, gb = gpd.read_file(a / f"{stem}.gpkg", layer=layer), gpd.read_file(b / f"{stem}.gpkg", layer=layer)
-        assert sorted(g.normalize().wkb for g in ga.geometry) == sorted(g.normalize().wkb for g in gb.geometry)
+    assert_same_scene(a, b, stem, {"landuse": "semantic", "buildings": "instance", "ships": "instance"})
 
 
 @pytest.fixture(scope="module")
