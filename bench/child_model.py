@@ -3,7 +3,8 @@
 Same network and batch size as the pipeline, input at the pipeline's padded tile side
 (``geoseg.grid.padded_size(tile, halo)``), torch on ``--threads`` threads (default: every core,
 ``os.cpu_count()``); random float input already normalised; forward + argmax to uint8 (the actor's
-own per-pixel step). One warm-up batch, then ``--batches`` timed batches; the figure is the median.
+own per-pixel step). One warm-up batch, then ``--batches`` timed batches per variant (layout x call size); the figure
+is the median of the fastest variant.
 Mpx/s counts core pixels (``tile_size^2`` per tile), as the pipeline's figure does.
 """
 
@@ -53,22 +54,26 @@ def main() -> None:
         torch.save(model.state_dict(), args.save_state)
     side = padded_size(args.tile_size, args.halo)
     x = torch.rand(args.batch_size, 3, side, side, generator=torch.Generator().manual_seed(0))
-    # Both memory layouts, the faster one is "the model alone": geoseg runs channels_last, so the
-    # ratio must not credit the pipeline with a layout gain.
-    times_by_layout: dict[str, list[float]] = {}
+    # Both memory layouts and both ways of feeding a batch (the whole batch in one call, or one
+    # tile per call as geoseg does on the CPU); the fastest is "the model alone", so the ratio
+    # never credits the pipeline with a layout or call-size gain.
+    times_by_variant: dict[str, list[float]] = {}
     for layout in ("contiguous", "channels_last"):
         fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
         m, xl = model.to(memory_format=fmt), x.contiguous(memory_format=fmt)
-        times_by_layout[layout] = []
-        with torch.inference_mode():
-            m(xl).argmax(dim=1).to(torch.uint8)  # warm-up: allocator, kernels
-            for _ in range(args.batches):
-                t = time.perf_counter()
-                logits = m(xl)
-                logits.argmax(dim=1).to(torch.uint8)
-                times_by_layout[layout].append(time.perf_counter() - t)
-    best = min(times_by_layout, key=lambda k: statistics.median(times_by_layout[k]))
-    times = times_by_layout[best]
+        for calls in ("batch", "per_tile"):
+            step = args.batch_size if calls == "batch" else 1
+            variant = f"{layout}/{calls}"
+            times_by_variant[variant] = []
+            with torch.inference_mode():
+                m(xl[:step]).argmax(dim=1).to(torch.uint8)  # warm-up: allocator, kernels
+                for _ in range(args.batches):
+                    t = time.perf_counter()
+                    for i in range(0, args.batch_size, step):
+                        m(xl[i : i + step]).argmax(dim=1).to(torch.uint8)
+                    times_by_variant[variant].append(time.perf_counter() - t)
+    best = min(times_by_variant, key=lambda k: statistics.median(times_by_variant[k]))
+    times = times_by_variant[best]
     per_batch = statistics.median(times)
     out = {
         "threads": args.threads,
@@ -77,8 +82,9 @@ def main() -> None:
         "tile_size": args.tile_size,
         "halo": args.halo,
         "padded_side": side,
-        "layout": best,
-        "median_batch_s_by_layout": {k: round(statistics.median(v), 4) for k, v in times_by_layout.items()},
+        "layout": best.split("/")[0],
+        "calls": best.split("/")[1],
+        "median_batch_s_by_variant": {k: round(statistics.median(v), 4) for k, v in times_by_variant.items()},
         "batch_seconds": [round(t, 4) for t in times],
         "median_batch_s": round(per_batch, 4),
         "mpx_per_s": round(args.batch_size * args.tile_size**2 / per_batch / 1e6, 4),

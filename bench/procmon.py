@@ -103,6 +103,16 @@ def descendants(pid: int, parents: dict[int, int] | None = None) -> list[int]:
     return out
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (``/proc/<pid>/stat`` fields 14, 15)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
@@ -124,6 +134,15 @@ def kind_of(cmdline: str) -> str:
     return "other"
 
 
+def _short(cmdline: str) -> str:
+    """A process's name for the per-process split: ``ray::Name`` or the executable's or script's base name."""
+    if cmdline.startswith("ray::"):
+        return cmdline.split(" ", 1)[0]
+    parts = cmdline.split()
+    script = next((a for a in parts[1:] if a.endswith(".py")), parts[0] if parts else "?")
+    return script.rsplit("/", 1)[-1]
+
+
 class Monitor:
     """Poll the job of driver ``pid`` every ``interval`` s until stopped; keeps peaks (kB inside, MiB out)."""
 
@@ -137,7 +156,9 @@ class Monitor:
         self.whole_peak_kb = 0  # driver RSS + PSS sum of the Ray processes, same sample
         self.whole_pss_peak_kb = 0  # driver PSS + PSS sum of the Ray processes, same sample
         self.whole_peak_split_kb: dict[str, int] = {}
+        self.whole_peak_processes_kb: dict[str, int] = {}  # "<pid> <name>" -> PSS at the peak sample
         self.whole_peak_at = 0.0
+        self.cpu_by_process: dict[int, tuple[str, float]] = {}  # pid -> (name, CPU s at its last sample)
         self.processes_max = 0
         self.workers_max = 0
         self.samples = 0
@@ -157,7 +178,7 @@ class Monitor:
         parents = _parents()
         procs = set(descendants(self.pid, parents))
         for p in procs:
-            if p not in self._cmd:
+            if p not in self._cmd or "default_worker.py" in self._cmd[p] or self._cmd[p].startswith("ray::"):  # workers rename themselves
                 self._cmd[p] = _cmdline(p)
             if self.session is None and (m := _SESSION.search(self._cmd[p])):
                 self.session = m.group(0)
@@ -180,10 +201,15 @@ class Monitor:
             return
         procs = self._job_processes()
         split: dict[str, int] = {}
+        each: dict[str, int] = {}
         workers_rss = 0
         for p in procs:
-            kind = kind_of(self._cmd.get(p) or _cmdline(p))
-            split[kind] = split.get(kind, 0) + pss_kb(p)
+            cmd = self._cmd.get(p) or _cmdline(p)
+            kind = kind_of(cmd)
+            pss = pss_kb(p)
+            split[kind] = split.get(kind, 0) + pss
+            each[f"{p} {_short(cmd)}"] = pss
+            self.cpu_by_process[p] = (_short(cmd), cpu_seconds(p))
             if kind == "workers":
                 workers_rss += rss_kb(p)
         ray_pss = sum(split.values())
@@ -196,6 +222,7 @@ class Monitor:
         if whole > self.whole_peak_kb:
             self.whole_peak_kb, self.whole_peak_at = whole, time.time()
             self.whole_peak_split_kb = {"driver_rss": driver_rss, **split}
+            self.whole_peak_processes_kb = each
         self.processes_max = max(self.processes_max, len(procs))
         self.workers_max = max(self.workers_max, sum(1 for p in procs if kind_of(self._cmd.get(p, "")) == "workers"))
         self.samples += 1
@@ -213,12 +240,16 @@ class Monitor:
         return {
             "whole_job_peak_mib": round(self.whole_peak_kb * mib, 1),
             "whole_job_peak_split_mib": {k: round(v * mib, 1) for k, v in self.whole_peak_split_kb.items()},
+            "whole_job_peak_processes_pss_mib": {k: round(v * mib, 1) for k, v in sorted(
+                self.whole_peak_processes_kb.items(), key=lambda kv: -kv[1])},
             "whole_job_peak_unix": round(self.whole_peak_at, 3),
             "whole_job_peak_all_pss_mib": round(self.whole_pss_peak_kb * mib, 1),
             "ray_processes_peak_pss_sum_mib": round(self.ray_pss_peak_kb * mib, 1),
             "driver_peak_rss_polled_mib": round(self.driver_peak_kb * mib, 1),
             "ray_workers_peak_rss_sum_mib": round(self.workers_rss_peak_kb * mib, 1),
             "ray_workers_peak_pss_sum_mib": round(self.workers_pss_peak_kb * mib, 1),
+            "cpu_s_by_process": {f"{pid} {name}": round(cpu, 2) for pid, (name, cpu) in sorted(
+                self.cpu_by_process.items(), key=lambda kv: -kv[1][1])},
             "ray_processes_max": self.processes_max,
             "ray_workers_max": self.workers_max,
             "ray_session": self.session,

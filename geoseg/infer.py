@@ -162,21 +162,32 @@ class Predictor:
             x = self._pinned(x).to(self.device, non_blocking=True)
         # Reorder to channels_last while pixels are still 1-2 bytes; float and the element-wise
         # normalisation keep the layout, so no float-sized copy is spent on it.
-        x = x.contiguous(memory_format=torch.channels_last).float()
+        x = x.contiguous(memory_format=torch.channels_last)
         valid = _padded_valid(payloads, self.halo, side, x.device)
         results: list[dict[str, np.ndarray]] = [{} for _ in payloads]
         every_band = list(range(x.shape[1]))
-        for name, (spec, model, positions) in self.heads.items():
-            xi = x if positions == every_band else x[:, positions]
-            xi = mask_invalid(_normalize(xi, spec), valid).contiguous(memory_format=torch.channels_last)
-            out = self._head_output(spec, model, xi)
-            for k, p in enumerate(payloads):
-                if spec.task == "semantic":
-                    h, w = int(p["tile"].core.height), int(p["tile"].core.width)
-                    results[k][name] = out[k, :h, :w]
-                else:
-                    results[k][name] = self._crop_read(out[k], p["tile"])
+        for part in self._model_calls(len(payloads)):
+            xf = x[part].float()
+            valid_part = None if valid is None else valid[part]
+            for name, (spec, model, positions) in self.heads.items():
+                xi = xf if positions == every_band else xf[:, positions]
+                xi = mask_invalid(_normalize(xi, spec), valid_part).contiguous(memory_format=torch.channels_last)
+                out = self._head_output(spec, model, xi)
+                for k, p in enumerate(payloads[part], start=part.start):
+                    if spec.task == "semantic":
+                        h, w = int(p["tile"].core.height), int(p["tile"].core.width)
+                        results[k][name] = out[k - part.start, :h, :w]
+                    else:
+                        results[k][name] = self._crop_read(out[k - part.start], p["tile"])
         return results
+
+    def _model_calls(self, n: int) -> list[slice]:
+        """The tiles of a batch that go through the networks together: all of them on a GPU; one
+        at a time on the CPU, where oneDNN ran a U-Net no faster on 4 tiles at once (1.20 s against
+        1.10 s for 4 tiles of 576^2 here) while a call's activations grow with its tiles (a U-Net's
+        reach GBs at 4): the actor's memory then stays that of one tile."""
+        step = n if self.device.type == "cuda" else 1
+        return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
     def _head_output(self, spec: ModelConfig, model: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
         """uint8 out of the device: class per core pixel (semantic), or p * 255 per channel."""

@@ -31,7 +31,7 @@ from geoseg.workers import TileAck
 DISK_FULL_BYTES = 16 * 1024**2
 # A writer's GDAL block cache (MB): the masks are written window by window, so a small cache keeps
 # its memory flat whatever the raster size.
-WRITER_GDAL_CACHE_MB = 256
+WRITER_GDAL_CACHE_MB = 64
 
 
 class SceneWriter:

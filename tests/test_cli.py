@@ -1,9 +1,10 @@
 """The ``geoseg`` command line: flags override the config, config errors name the file and key,
 ``geoseg synth`` writes a scene and its truth.
 
-Flag overrides are observed from the outside: a real (tiny) model whose output encodes the shape
-of the batch it was given, so the written mask tells the padded tile side (tile size + 2 halo)
-and the batch size the run really used.
+Flag overrides are observed from the outside: a real (tiny) model whose output encodes the side
+of the tiles it was given, so the written mask tells the padded tile side (tile size + 2 halo) the
+run really used; the batch size (which on a CPU sets the tiles per task, not per network call)
+through the settings fingerprint the run stamped into the scene's summary.
 """
 
 from __future__ import annotations
@@ -21,35 +22,28 @@ import yaml
 from click.testing import CliRunner
 
 from geoseg.cli.main import cli, main
+from geoseg.config import load_config
 from geoseg.errors import ConfigError
 from geoseg.grid import padded_size
+from geoseg.runlog import config_fingerprint
 
 N_CODES = 64
 PROBE = '''
 import torch
 
 
-class ShapeProbe(torch.nn.Module):
-    """Semantic head whose class at every pixel is the batch size (dim 0) or the side // 32 (dim -1)."""
-
-    def __init__(self, dim):
-        super().__init__()
-        self.dim = dim
+class SideProbe(torch.nn.Module):
+    """Semantic head whose class at every pixel is the side of its input // 32."""
 
     def forward(self, x):
         b, _, h, w = x.shape
-        code = min(int(x.shape[self.dim]) // (32 if self.dim == -1 else 1), 63)
         out = torch.zeros(b, 64, h, w)
-        out[:, code] = 1.0
+        out[:, min(w // 32, 63)] = 1.0
         return out
 
 
 def side_probe():
-    return ShapeProbe(-1)
-
-
-def batch_probe():
-    return ShapeProbe(0)
+    return SideProbe()
 '''
 
 
@@ -61,7 +55,6 @@ def probe_config(d: Path, tiling: dict, runtime: dict) -> Path:
         "runtime": runtime,
         "models": {
             "side": {"task": "semantic", "classes": classes, "bands": [1, 2, 3], "factory": "probe.py:side_probe"},
-            "batch": {"task": "semantic", "classes": classes, "bands": [1, 2, 3], "factory": "probe.py:batch_probe"},
         },
     }
     path = d / "probe.yaml"
@@ -86,12 +79,11 @@ def test_flags_override_config(ray_session, small_scene, tmp_path):
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, (result.output, result.exception)
     assert "1 processed, 0 unchanged (skipped), 0 failed; 9 tiles" in result.stdout
+    assert result.stdout.strip().splitlines()[-1] == f"report: {out / 'report.html'}"  # the page to open
     summary = json.loads((out / "small" / "summary.json").read_text())
     assert summary["tiles"] == math.ceil(300 / 128) ** 2 == 9  # the config's 512 would give 1 tile
     with rasterio.open(out / "small" / "small_side.tif") as ds:
         side = ds.read(1)
-    with rasterio.open(out / "small" / "small_batch.tif") as ds:
-        batch = ds.read(1)
     valid = side != 255
     assert valid.any()
     # Tile 128 + 2 x halo 8 = 144, padded to 160; the config's values would give 640 (or 544, 256).
@@ -99,9 +91,9 @@ def test_flags_override_config(ray_session, small_scene, tmp_path):
     assert padded_size(128, 8) == 160 and padded_size(44, 8) == 64
     assert set(np.unique(side[:256][valid[:256]])) == set(np.unique(side[:, :256][valid[:, :256]])) == {160 // 32}
     assert set(np.unique(side[256:, 256:][valid[256:, 256:]])) == {64 // 32}
-    # Batches of at most 2 tiles (the config says 8, and there are 9 tiles).
-    codes = set(np.unique(batch[valid]).tolist())
-    assert codes <= {1, 2} and 2 in codes, codes
+    # Batches of 2 tiles (the config says 8).
+    assert summary["config"] == _fingerprint(cfg, tiling={"tile_size": 128, "halo": 8}, runtime={"batch_size": 2})
+    assert summary["config"] != _fingerprint(cfg)
 
 
 def test_config_values_apply_without_flags(ray_session, small_scene, tmp_path):
@@ -117,11 +109,15 @@ def test_config_values_apply_without_flags(ray_session, small_scene, tmp_path):
     assert summary["tiles"] == 4
     with rasterio.open(out / "even" / "even_side.tif") as ds:
         side = ds.read(1)
-    with rasterio.open(out / "even" / "even_batch.tif") as ds:
-        batch = ds.read(1)
     valid = side != 255
     assert set(np.unique(side[valid])) == {padded_size(256, 16) // 32}
-    assert set(np.unique(batch[valid]).tolist()) <= {1, 3} and 3 in set(np.unique(batch[valid]).tolist())
+    assert summary["config"] == _fingerprint(cfg)
+    assert summary["config"] != _fingerprint(cfg, runtime={"batch_size": 8})  # the default
+
+
+def _fingerprint(path: Path, **sections: dict) -> str:
+    """The settings fingerprint of the config file with sections' keys replaced, as a run stamps it."""
+    return config_fingerprint(load_config(path, sections))
 
 
 BASE = {

@@ -178,12 +178,12 @@ def undisturbed(ray_session, scenes, oracle_config_path, tmp_path_factory) -> tu
 # -- tests
 
 
-def test_model_actor_killed_mid_run(ray_session, scenes, undisturbed, tmp_path, caplog):
+def test_model_actor_killed_mid_run(ray_session, scenes, undisturbed, oracle_config_path, tmp_path, caplog):
     """SIGKILL the model actor once a scene is published and others are in flight: it is replaced,
     its batches are sent again, and the outputs equal an undisturbed run's."""
     inputs = scenes[:3]
     expected, config_path = undisturbed
-    config = load_config(config_path)
+    config = load_config(_config_with(tmp_path / "config.yaml", oracle_config_path, "slow_landuse"))
     out = tmp_path / "out"
     caplog.set_level(logging.INFO, logger="geoseg")
     report, killed = _run_killing_model_actor(inputs, out, config)
