@@ -138,9 +138,10 @@ def main() -> None:
         t = time.perf_counter()
         probs = render(boxes, int(rd.row_off), int(rd.col_off), int(rd.height), int(rd.width), max_len)
         pred = {"tile": tile, "status": "ok", "valid": np.ones(probs.shape[1:], dtype=bool), "heads": {"buildings": probs}}
-        row_area = scale.row_area_m2[int(tile.core.row_off) : int(tile.core.row_off + tile.core.height)]
+        core = tile.core
+        pixel_area = scale.pixel_areas.window(int(core.row_off), int(core.col_off), int(core.height), int(core.width))
         t1 = time.perf_counter()
-        result = postprocess_tile(pred, config, row_area, grid)
+        result = postprocess_tile(pred, config, pixel_area, grid)
         t2 = time.perf_counter()
         head = result.heads["buildings"]
         fragments += len(head.frag_wkb)

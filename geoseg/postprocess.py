@@ -91,7 +91,7 @@ def _seam_labels(inner: dict[str, np.ndarray], tile: Tile, grid_shape: tuple[int
 
 
 def _head(
-    spec: ModelConfig, output: np.ndarray, valid: np.ndarray, tile: Tile, row_area: np.ndarray, grid_shape: tuple[int, int]
+    spec: ModelConfig, output: np.ndarray, valid: np.ndarray, tile: Tile, pixel_area: np.ndarray, grid_shape: tuple[int, int]
 ) -> HeadTile:
     h, w = int(tile.core.height), int(tile.core.width)
     (rs, cs) = tile.core_in_read
@@ -120,11 +120,10 @@ def _head(
         score_sum = np.bincount(core_labels.ravel(), weights=body.ravel(), minlength=present.shape[0])
         raster = core_labels
     n = label_class.shape[0] - 1
-    pixels = np.bincount(core_labels.ravel(), minlength=n + 1).astype(np.int64)
-    if row_area.size and row_area.min() == row_area.max():  # projected grids: one pixel area
-        areas = pixels * float(row_area[0])
-    else:  # geographic and Mercator grids: pixel area varies by row
-        areas = np.bincount(core_labels.ravel(), weights=np.repeat(row_area, w), minlength=n + 1)
+    flat = core_labels.ravel()
+    pixels = np.bincount(flat, minlength=n + 1).astype(np.int64)
+    # Ground area: the sum of the label's pixels' own areas (they vary across the grid).
+    areas = np.bincount(flat, weights=pixel_area.ravel(), minlength=n + 1)
     pixels[0], areas[0] = 0, 0.0
     frag_labels, frag_wkb = label_polygons(core_labels, int(tile.core.row_off), int(tile.core.col_off))
     return HeadTile(
@@ -156,14 +155,19 @@ def empty_head(height: int, width: int) -> HeadTile:
                     outer=outer, seam_labels=zeros, frag_labels=zeros, frag_wkb=[])
 
 
-def postprocess_tile(pred: dict[str, Any], config: Config, row_area: np.ndarray, grid_shape: tuple[int, int]) -> TileResult:
-    """Turn the actor's output for one tile into a TileResult; ``row_area`` covers the core rows."""
+def postprocess_tile(pred: dict[str, Any], config: Config, pixel_area: np.ndarray | None,
+                     grid_shape: tuple[int, int]) -> TileResult:
+    """Turn the actor's output for one tile into a TileResult. ``pixel_area``: the ground area (m^2)
+    of each core pixel, (height, width) (``geoseg.units.PixelAreas.window``), or one per core row."""
     tile: Tile = pred["tile"]
     if pred["status"] != "ok":
         return TileResult(tile=tile, status=pred["status"], error=pred.get("error"))
     valid = pred["valid"]
     rs, cs = tile.core_in_read
+    shape = (int(tile.core.height), int(tile.core.width))
+    area = np.asarray(pixel_area, dtype=np.float64)
+    area = np.broadcast_to(area[:, None] if area.ndim == 1 else area, shape)
     heads = {
-        name: _head(spec, pred["heads"][name], valid, tile, row_area, grid_shape) for name, spec in config.models.items()
+        name: _head(spec, pred["heads"][name], valid, tile, area, grid_shape) for name, spec in config.models.items()
     }
     return TileResult(tile=tile, status="ok", valid_pixels=int(valid[rs, cs].sum()), heads=heads)

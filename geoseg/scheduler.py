@@ -51,7 +51,7 @@ class _Scene:
         self.grid_shape = tile_grid_shape(info.width, info.height, self.tile_size)
         self.n_tiles = self.grid_shape[0] * self.grid_shape[1]
         self.scale: GroundScale | None = None  # computed when first opened
-        self.row_area: Any = None  # ref of the per-row pixel areas, shared by the scene's tasks
+        self.pixel_areas: Any = None  # ref of the scene's PixelAreas (small), shared by its tasks
         self.error: str | None = None
         self.closed = False  # published, or failed and reported
         self.attempt = 0
@@ -247,10 +247,10 @@ class Scheduler:
         scene.writer, scene.writer_actor = w, self.writers[w]
         info = scene.info
         if scene.scale is None:
-            # Computed once per scene (a Python loop over rows for geographic grids): the writer gets
-            # the whole scale, the post-processing tasks its per-row areas through the object store.
+            # Computed once per scene (a few projected points, whatever its size): the writer gets
+            # the whole scale, the post-processing tasks the recipe of their tiles' pixel areas.
             scene.scale = ground_scale(info.crs_wkt, info.transform, info.width, info.height)
-            scene.row_area = ray.put(scene.scale.row_area_m2)
+            scene.pixel_areas = ray.put(scene.scale.pixel_areas)
         resume = self._resumable(scene)
         scene.opened = scene.writer_actor.open.remote(scene.index, info, self.stamp, scene.scale, resume)
         return True
@@ -278,7 +278,7 @@ class Scheduler:
         b.slot, b.actor, b.writer = i, slot.actor, scene.writer_actor
         reads = self.read.remote(scene.info.path, b.tiles, self.config.bands_needed, self.env_ref)
         preds = slot.actor.predict.remote(reads)
-        results = self.post.remote(preds, self.config_ref, scene.row_area, scene.grid_shape)
+        results = self.post.remote(preds, self.config_ref, scene.pixel_areas, scene.grid_shape)
         ack = scene.writer_actor.add.remote(scene.index, results, scene.opened)
         self.acks[ack] = b
         scene.in_flight += len(b.tiles)

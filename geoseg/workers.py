@@ -17,9 +17,8 @@ from geoseg.grid import Tile
 from geoseg.storage import apply_storage_env
 
 if TYPE_CHECKING:
-    import numpy as np
-
     from geoseg.postprocess import TileResult
+    from geoseg.units import PixelAreas
 
 # Heavy libraries are imported where they are used: the driver imports this module only to name
 # the functions, and the model actor (torch) never needs GDAL, scipy or scikit-image.
@@ -63,17 +62,19 @@ def _read_one(path: str, tile: Tile, bands: list[int]) -> dict[str, Any]:
     return {"tile": tile, "status": "ok", **data}
 
 
-def postprocess_batch(preds: list[dict[str, Any]], config: Config, row_area_m2: np.ndarray,
+def postprocess_batch(preds: list[dict[str, Any]], config: Config, pixel_areas: PixelAreas,
                       grid_shape: tuple[int, int]) -> list[TileResult]:  # noqa: F821 (lazy import)
-    """Decode, measure and vectorise each tile; ``row_area_m2`` covers the whole scene's rows."""
+    """Decode, measure and vectorise each tile; ``pixel_areas`` gives each tile's pixel areas."""
     from geoseg.postprocess import TileResult, postprocess_tile
 
     out = []
     for pred in preds:
         tile: Tile = pred["tile"]
-        r0 = int(tile.core.row_off)
         try:
-            out.append(postprocess_tile(pred, config, row_area_m2[r0 : r0 + int(tile.core.height)], grid_shape))
+            core = tile.core
+            area = (pixel_areas.window(int(core.row_off), int(core.col_off), int(core.height), int(core.width))
+                    if pred["status"] == "ok" else None)
+            out.append(postprocess_tile(pred, config, area, grid_shape))
         except Exception as exc:
             out.append(TileResult(tile=tile, status="error", error=f"post-processing failed on tile {tile.index}: {exc}"))
     return out

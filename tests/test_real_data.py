@@ -3,8 +3,9 @@ panchromatic band) and on a synthetic EPSG:4326 scene, with real Ray and real fi
 
 For each input: every mask has exactly the input's CRS, transform and size; pixels the input masks
 (GDAL mask: nodata value, per band) are nodata in the semantic mask (255) and 0 in the instance
-mask, and are never counted; GeoPackage layers are in the input's CRS; areas are ground areas:
-planar for UTM, true ellipsoidal areas (checked with ``pyproj.Geod``) for EPSG:3857 and EPSG:4326.
+mask, and are never counted; GeoPackage layers are in the input's CRS; areas are true ellipsoidal
+areas: for UTM each pixel's planar area over PROJ's areal scale at its centre, for EPSG:3857 and
+EPSG:4326 checked with ``pyproj.Geod``.
 The models are the context-free palette oracles of ``geoseg.synth`` (any real image gives some
 classes; what is checked here is where and how the results are placed and measured).
 """
@@ -20,7 +21,7 @@ import pytest
 import rasterio
 import shapely
 import yaml
-from pyproj import CRS, Geod, Transformer
+from pyproj import CRS, Geod, Proj, Transformer
 
 from geoseg.config import load_config
 from geoseg.pipeline import run
@@ -121,10 +122,12 @@ def check_outputs(src: Path, out: Path, bands: list[int]) -> dict:
     assert len(ship_rows) == ship["count"]
     landuse_rows = pyogrio.read_dataframe(gpkg, layer="landuse")
     total_area = sum(c["area_m2"] for c in classes.values())
-    assert landuse_rows["area_m2"].sum() == pytest.approx(total_area, rel=1e-9)
+    # (summary.json rounds each class's area to 0.001 m^2)
+    assert landuse_rows["area_m2"].sum() == pytest.approx(total_area, rel=1e-9, abs=0.0005 * len(classes))
     summary["_landuse_rows"] = landuse_rows
     summary["_valid"] = valid
     summary["_ships"] = ships
+    summary["_landuse"] = landuse
     return summary
 
 
@@ -137,19 +140,28 @@ def run_one(tmp_path: Path, src: Path, bands: list[int], normalize: object = "no
     return check_outputs(src, out, bands)
 
 
-def planar_area_checks(src: Path, summary: dict) -> None:
-    """UTM: area_m2 is pixel count x pixel area, and equals the layer polygons' planar area."""
+def projected_area_checks(src: Path, summary: dict) -> None:
+    """UTM: area_m2 is the ground area of the counted pixels, each pixel's planar area over the
+    projection's areal scale at its centre (PROJ's own factors, independent of geoseg): not the
+    planar area (UTM's scale is 0.9996 on the central meridian, more away from it). The layer's
+    polygons still cover exactly the counted pixels (their planar area)."""
     with rasterio.open(src) as s:
-        pixel_area = abs(s.transform.a * s.transform.e - s.transform.b * s.transform.d)
+        crs, t, h, w = CRS.from_wkt(s.crs.to_wkt()), s.transform, s.height, s.width
+    rows, cols = np.mgrid[0:h, 0:w] + 0.5
+    to_ll = Transformer.from_crs(crs, crs.geodetic_crs, always_xy=True)
+    lon, lat = to_ll.transform(t.c + t.a * cols + t.b * rows, t.f + t.d * cols + t.e * rows)
+    planar_pixel = abs(t.a * t.e - t.b * t.d)
+    pixel_area = planar_pixel / Proj(crs).get_factors(lon, lat).areal_scale
+    landuse, valid, ships = summary["_landuse"], summary["_valid"], summary["_ships"]
     classes = summary["models"]["landuse"]["classes"]
-    for name, c in classes.items():
-        assert c["area_m2"] == pytest.approx(c["pixels"] * pixel_area, rel=1e-9, abs=1e-3), name
+    for k, (name, c) in enumerate(classes.items()):
+        assert c["area_m2"] == pytest.approx(float(pixel_area[landuse == k].sum()), rel=1e-5, abs=1e-3), name
     total = sum(c["area_m2"] for c in classes.values())
-    assert total == pytest.approx(int(summary["_valid"].sum()) * pixel_area, rel=1e-9)
+    assert total == pytest.approx(float(pixel_area[valid].sum()), rel=1e-5)
     poly_area = float(shapely.area(summary["_landuse_rows"].geometry.values).sum())
-    assert poly_area == pytest.approx(total, rel=1e-9)
+    assert poly_area == pytest.approx(int(valid.sum()) * planar_pixel, rel=1e-9)
     ship = summary["models"]["ships"]["classes"]["ship"]
-    assert ship["area_m2"] == pytest.approx(ship["pixels"] * pixel_area, rel=1e-9, abs=1e-3)
+    assert ship["area_m2"] == pytest.approx(float(pixel_area[ships > 0].sum()), rel=1e-5, abs=1e-3)
 
 
 def geodesic_area_checks(src: Path, summary: dict) -> None:
@@ -177,7 +189,7 @@ def test_landsat_utm_uint8_nodata(ray_session, shared_data, tmp_path):
     summary = run_one(tmp_path, src, [1, 2, 3])
     valid = summary["_valid"]
     assert 0 < valid.sum() < valid.size  # the file has a real nodata collar
-    planar_area_checks(src, summary)
+    projected_area_checks(src, summary)
 
 
 def test_sentinel2_web_mercator_uint16(ray_session, shared_data, tmp_path):
@@ -195,7 +207,7 @@ def test_spacenet_pan_uint16_single_band(ray_session, shared_data, tmp_path):
     with rasterio.open(src) as s:
         assert s.count == 1 and s.dtypes[0] == "uint16"
     summary = run_one(tmp_path, src, [1, 1, 1], normalize={"scale": 8})
-    planar_area_checks(src, summary)
+    projected_area_checks(src, summary)
 
 
 def test_synthetic_epsg4326(ray_session, tmp_path):
