@@ -9,6 +9,7 @@ raster that does not fit before any pixel is read::
       "bands": [1, 2, 3],                        # default band mapping (1-based, in order)
       "input": {"count": 3, "names": ["red", "green", "blue"], "dtype": "uint8", "gsd_m": 1.0},
       "normalize": {"mean": [...], "std": [...]},   # or {"scale": 255}, {"clip_low", "clip_high"}, {"db": true, ...}
+      "trained_on": {"imagery": "real", "source": "..."},   # or "synthetic": geoseg synth scenes only
       "metrics": {...}, "training": {...}, "data": "...", "licence": "..."
     }
 
@@ -33,7 +34,7 @@ CONTRACT_FILE = "geoseg.json"
 CONTRACT_VERSION = 1
 # Keys of a head (ModelConfig) that a contract may supply.
 CONTRACT_KEYS = ("task", "classes", "colors", "channels", "bands", "normalize", "input", "threshold",
-                 "seed_threshold", "mask_threshold", "min_area_m2", "simplify_m")
+                 "seed_threshold", "mask_threshold", "min_area_m2", "simplify_m", "trained_on")
 
 
 def resolve(path: str, base_dir: str) -> Path:
@@ -139,3 +140,23 @@ def check_scene(info: Any, config: Any) -> None:
                                 f"(more than {want.gsd_tolerance:g}x off); resample it")
         if problems:
             raise InputError(info.path, f"does not fit model '{name}': " + "; ".join(problems))
+
+
+def imagery_warning(config: Any, scenes: list[Any]) -> tuple[str, str] | None:
+    """Heads trained only on synthetic scenes, run on rasters ``geoseg synth`` did not write.
+
+    Returns ``(the run's one warning, the line for each such scene's summary.json)``, or None when
+    no head is synthetic-only or every scene is synthetic (``SceneInfo.synthetic``).
+    """
+    models = [n for n, s in config.models.items() if s.trained_on is not None and s.trained_on.imagery == "synthetic"]
+    real = [Path(s.path).name for s in scenes if not s.synthetic]
+    if not models or not real:
+        return None
+    heads = f"model {models[0]} was" if len(models) == 1 else f"models {', '.join(models)} were"
+    trained = f"{heads} trained only on synthetic scenes (geoseg synth)"
+    named = ", ".join(real[:3]) + (f" and {len(real) - 3} more" if len(real) > 3 else "")
+    inputs = f"1 input is real imagery ({named})" if len(real) == 1 else f"{len(real)} inputs are real imagery ({named})"
+    run = (f"{trained}; {inputs}: expect wrong classes and counts. Use models trained on imagery like yours "
+           "(docs/models.md).")
+    scene = f"{trained}, and this raster is not one: expect wrong classes and counts (docs/models.md)"
+    return run, scene

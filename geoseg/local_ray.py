@@ -33,6 +33,7 @@ log = logging.getLogger("geoseg")
 # count in every process that maps them.
 LOCAL_OBJECT_STORE_BYTES = 1024**3
 MARKER = "geoseg-driver.pid"  # in a session folder: the local Ray was started by this geoseg run
+AUTH_MODE_ENV = "RAY_AUTH_MODE"  # Ray's switch for token authentication: token or disabled
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None) -> None:
@@ -45,8 +46,31 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, num_gpus
     else:
         # "local": a new Ray of our own, even where `ray start` runs one on this machine (whose
         # address needs --address or RAY_ADDRESS): its session folder is then ours to remove.
+        _token_auth_for_local_ray()
         ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
                  log_to_driver=False, logging_level=logging.WARNING, object_store_memory=LOCAL_OBJECT_STORE_BYTES)
+
+
+def _token_auth_for_local_ray() -> None:
+    """Ask for token authentication for a local Ray, unless ``RAY_AUTH_MODE`` says otherwise.
+
+    With ``RAY_AUTH_MODE`` unset, Ray 2.60 turns token authentication on for a new local Ray by
+    itself (writing ``~/.ray/auth_token`` if missing) and then warns, on every start, that it did.
+    The protection is right (a local Ray listens on the machine's address: without a token anyone
+    who reaches its ports can run code in it), the warning is noise: asking for token mode
+    explicitly keeps the same protection and Ray says nothing. Ray reads the mode when it is
+    imported, so setting the variable now is not enough: its own helper sets it and reloads Ray's
+    config (what ``ray.init`` itself does, without the warning). A mode the user set (``token``, or
+    ``disabled`` on a trusted machine) is kept, and clusters joined through an address are never
+    touched: this runs only before starting a local Ray.
+    """
+    if os.environ.get(AUTH_MODE_ENV) is not None:
+        return
+    try:
+        from ray._private.authentication.authentication_token_setup import _enable_token_auth
+    except ImportError:  # a Ray without token authentication: its defaults apply, nothing to say
+        return
+    _enable_token_auth()
 
 
 @contextlib.contextmanager

@@ -25,6 +25,7 @@ from rasterio.features import rasterize
 from rasterio.windows import Window
 
 from geoseg.export import LayerWriter
+from geoseg.read import SYNTHETIC_TAG
 from geoseg.vectorize import label_polygons, merge_parts, pixel_to_crs
 
 LANDUSE_CLASSES = ["water", "forest", "cropland", "urban", "bare"]
@@ -134,12 +135,16 @@ def plan_objects(size: int, seed: int, cell: int, touching_pairs: int = 0) -> li
 
 
 def write_scene(path: str | Path, size: int = 2048, seed: int = 0, crs: str = "EPSG:32618", pixel_size: float = 1.0,
-                cell: int = 160, noise: int = 6, nodata_corner: bool = True, touching_pairs: int = 0) -> list[SynthObject]:
-    """Write a synthetic scene and its truth; returns the objects (pixel coordinates)."""
+                cell: int = 160, noise: int = 6, nodata_corner: bool = True, touching_pairs: int = 0,
+                origin: tuple[float, float] | None = None) -> list[SynthObject]:
+    """Write a synthetic scene and its truth; returns the objects (pixel coordinates). ``origin``:
+    the top-left corner in CRS units (default: near Washington DC in EPSG:4326, else (500000, 4300000))."""
     path = Path(path)
     truth_dir = path.with_suffix(".truth")
     truth_dir.mkdir(parents=True, exist_ok=True)
-    if crs.upper() in ("EPSG:4326", "OGC:CRS84"):
+    if origin is not None:
+        transform = Affine(pixel_size, 0, origin[0], 0, -pixel_size, origin[1])
+    elif crs.upper() in ("EPSG:4326", "OGC:CRS84"):
         transform = Affine(pixel_size, 0, -77.0, 0, -pixel_size, 38.9)
     else:
         transform = Affine(pixel_size, 0, 500000.0, 0, -pixel_size, 4300000.0)
@@ -158,6 +163,9 @@ def write_scene(path: str | Path, size: int = 2048, seed: int = 0, crs: str = "E
                 lu.write(classes, 1, window=win)
         lu.write_colormap(1, {i: (*_rgb(c), 255) for i, c in enumerate(LANDUSE_COLORS)})
         lu.update_tags(classes=",".join(LANDUSE_CLASSES))
+        # Marks the scene as synthetic: a run of models trained only on such scenes warns on any
+        # raster without this tag (geoseg.pipeline), and `geoseg train` knows what it learned from.
+        img.update_tags(**{SYNTHETIC_TAG: "1", "GEOSEG_SYNTH_SEED": str(seed)})
     os.replace(tmp_img, path)
     os.replace(tmp_lu, truth_dir / "landuse.tif")
     _write_truth_objects(truth_dir / "objects.gpkg", objects, transform, crs, size, nodata_corner)

@@ -253,11 +253,34 @@ def _contract(cfg: TrainConfig, spec: ModelConfig, scenes: list[Scene], dtype: s
         "bands": list(cfg.bands),
         "input": {"count": _source_count(cfg, first), "names": cfg.band_names, "dtype": dtype, "gsd_m": gsd},
         "normalize": spec.normalize if isinstance(spec.normalize, str) else spec.normalize.model_dump(exclude_none=True),
+        "trained_on": trained_on(cfg, scenes),
     }
     if cfg.task == "instance":
         contract["channels"] = cfg.channels
     contract.update(cfg.postprocess)
     return {k: v for k, v in contract.items() if v is not None}
+
+
+def trained_on(cfg: TrainConfig, scenes: list[Scene]) -> dict[str, str]:
+    """The contract's ``trained_on``: ``synthetic`` when every training scene is a ``geoseg synth``
+    scene (generated here, or a file carrying its tag), else ``real``; ``source`` is the config's ``data``."""
+    from geoseg.read import is_synthetic
+
+    def synthetic(scene: Scene) -> bool:
+        if scene.spec.synth is not None:
+            return True
+        images = [scene.spec.image] if isinstance(scene.spec.image, str) else list(scene.spec.image or [])
+        for image in images:
+            with rasterio.open(resolve(image, cfg.base_dir)) as ds:
+                if not is_synthetic(ds.tags()):
+                    return False
+        return bool(images)
+
+    training = [s for s in scenes if s.spec.split != "holdout"]
+    imagery = "synthetic" if all(synthetic(s) for s in training) else "real"
+    source = cfg.data or ("`geoseg synth` scenes" if imagery == "synthetic" else
+                          ", ".join(sorted({s.name.split(":", 1)[-1] for s in training})))
+    return {"imagery": imagery, "source": source}
 
 
 def _source_count(cfg: TrainConfig, scene: Scene) -> int | None:
