@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 from geoseg.errors import ConfigError
 
@@ -42,6 +42,32 @@ class RuntimeConfig(_Frozen):
     # Test-time augmentation for every head that does not set its own: 'flip' averages the
     # probabilities of the tile and its horizontal, vertical and double flips (4x the compute).
     tta: Literal["none", "flip"] = "none"
+
+
+VECTOR_FORMATS = ("gpkg", "parquet")
+
+
+class OutputConfig(_Frozen):
+    """What a scene writes besides its masks: ``vectors`` lists the polygon formats, ``gpkg`` (one
+    GeoPackage: a layer per model, the counts table, QGIS styles) and/or ``parquet`` (one GeoParquet
+    file per model). Also given as a comma-separated string, as the ``--vectors`` flag does."""
+
+    vectors: list[str] = ["gpkg"]
+
+    @field_validator("vectors", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+
+    @field_validator("vectors")
+    @classmethod
+    def _known(cls, value: list[str]) -> list[str]:
+        for v in value:
+            if v not in VECTOR_FORMATS:
+                raise ValueError(f"unknown vector format '{v}' (choose from {', '.join(VECTOR_FORMATS)})")
+        if not value:
+            raise ValueError(f"at least one vector format ({', '.join(VECTOR_FORMATS)})")
+        return list(dict.fromkeys(value))
 
 
 class ScaleNormalize(_Frozen):
@@ -155,6 +181,15 @@ class InputSpec(_Frozen):
     gsd_tolerance: float = Field(3.0, gt=1)  # a scene fails when its GSD differs by more than this factor
 
 
+class TrainedOn(_Frozen):
+    """What imagery a model learned from (its contract's ``trained_on``), so that a run can say when
+    a scene is unlike it: ``synthetic`` models (trained only on ``geoseg synth`` scenes) warn on
+    every raster that geoseg synth did not write."""
+
+    imagery: Literal["synthetic", "real"]
+    source: str = ""  # the data set, in a few words
+
+
 class ModelConfig(_Frozen):
     """One head: a semantic (class per pixel) or instance (objects of one class) model."""
 
@@ -178,6 +213,7 @@ class ModelConfig(_Frozen):
     weights: str | None = None
     torchscript: str | None = None
     input: InputSpec = InputSpec()
+    trained_on: TrainedOn | None = None  # None: not known (no contract says)
     tta: Literal["none", "flip"] | None = None  # None: runtime.tta
     # Instance decoding (ignored for semantic heads).
     channels: list[InstanceChannel] = ["body"]
@@ -229,6 +265,7 @@ class Config(_Frozen):
 
     tiling: TilingConfig = TilingConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+    output: OutputConfig = OutputConfig()
     models: dict[str, ModelConfig] = Field(min_length=1)
     # Directory that relative paths in the file (factories, weights) are resolved against.
     base_dir: str = "."

@@ -42,6 +42,7 @@ def main() -> int:
     print(f"\n{report.megapixels:.1f} Mpx in {report.seconds:.1f} s; outputs in {DEMO / 'out'} "
           f"(open the .gpkg and .tif files in QGIS)")
     _print_accuracy(DEMO / "out" / "synthetic", synth.with_suffix(".truth"))
+    print(f"\nreport (open it in a browser): {report.report_path}")
     return 0 if report.ok else 1
 
 

@@ -7,8 +7,8 @@ mirrors its path relative to what was named on the command line (``scenes/a/x.ti
 
 Every part of an output name is made safe here, once: no part can be empty, ``.`` or ``..``,
 start with a dot (hidden files, staging folders, the lock), or equal one of the run's own files at
-the top of ``--out`` (``summary.csv``, ``run-manifest.json``, ``runs/``); so no input can write
-outside its own folder or replace a run file. Spaces and non-ASCII letters are kept as they are.
+the top of ``--out`` (``summary.csv``, ``run-manifest.json``, ``report.html``, ``runs/``); so no
+input can write outside its own folder or replace a run file. Spaces and non-ASCII letters are kept as they are.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from geoseg.errors import InputError
 from geoseg.storage import RASTER_SUFFIXES, is_s3, list_rasters
 
 # Names the run itself writes at the top of --out (see geoseg.runlog); a scene may not take them.
-RUN_FILES = frozenset({"summary.csv", "run-manifest.json", "runs"})
+RUN_FILES = frozenset({"summary.csv", "run-manifest.json", "runs", "collection.json", "report.html"})
 TRUTH_SUFFIX = ".truth"  # `geoseg synth` writes a scene's exact truth in a folder beside it
 _GLOB_MAGIC = re.compile(r"[*?[]")
 _UNSAFE_CHARS = re.compile(r"[\x00-\x1f\x7f\\]")

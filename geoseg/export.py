@@ -18,12 +18,12 @@ import rasterio.shutil
 import shapely
 from affine import Affine
 from pyogrio.raw import write as ogr_write
-from pyproj import CRS, Transformer
 from rasterio.windows import Window
 
 from geoseg.config import ModelConfig
 from geoseg.postprocess import SEMANTIC_NODATA
-from geoseg.units import GroundScale, local_metric_crs
+from geoseg.styles import class_colors
+from geoseg.units import GroundScale, ground_frames
 from geoseg.vectorize import pixel_to_crs, to_multipolygons
 
 # Windows for passes over a whole raster: bounded memory whatever the raster size.
@@ -32,12 +32,6 @@ PASS_WINDOW = 2048
 # class mask 35x faster than deflate here; the published COG is deflate, which every reader opens.
 _GTIFF = dict(driver="GTiff", tiled=True, blockxsize=512, blockysize=512, compress="zstd", zstd_level=1,
               BIGTIFF="IF_SAFER")
-_PALETTE = ["#1f78b4", "#33a02c", "#ffff99", "#e31a1c", "#b15928", "#a6cee3", "#b2df8a", "#fb9a99", "#fdbf6f", "#cab2d6"]
-
-
-def class_colors(spec: ModelConfig) -> list[str]:
-    """Colour per class: the configured ones, else a fixed palette."""
-    return list(spec.colors) if spec.colors else [_PALETTE[i % len(_PALETTE)] for i in range(len(spec.classes))]
 
 
 def _rgb(hex_color: str) -> tuple[int, int, int, int]:
@@ -147,12 +141,12 @@ class ObjectSink:
 
     def __init__(self, spec: ModelConfig, layer: LayerWriter, transform: Affine, crs_wkt: str,
                  bounds: tuple[float, float, float, float], scale: GroundScale) -> None:
+        # (bounds: no longer used, measures are taken around each object's own centroid)
         self.spec, self.layer, self.transform = spec, layer, transform
         self.instance = spec.task == "instance"
         pixel_m = math.hypot(transform.a, transform.d) * scale.metres_per_unit
         self.simplify_px = spec.simplify_m / pixel_m if pixel_m > 0 else 0.0
-        metric = local_metric_crs(crs_wkt, bounds)
-        self.to_metric = Transformer.from_crs(CRS.from_wkt(crs_wkt), metric, always_xy=True) if metric else None
+        self.crs_wkt = crs_wkt
         self.count = np.zeros(len(spec.classes), dtype=np.int64)
         self.pixels = np.zeros(len(spec.classes), dtype=np.int64)
         self.area = np.zeros(len(spec.classes), dtype=np.float64)
@@ -185,11 +179,14 @@ class ObjectSink:
         return ids
 
     def _rectangles(self, geoms: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Length, width (m) and orientation (degrees clockwise from north, 0-180) of the long side
-        of each geometry's minimum rotated rectangle."""
-        if self.to_metric is not None:
-            to_metric = self.to_metric
-            geoms = shapely.transform(geoms, lambda xy: np.column_stack(to_metric.transform(xy[:, 0], xy[:, 1])))
+        """Length, width (m) and orientation (degrees clockwise from true north, 0-180) of the long
+        side of each geometry's minimum rotated rectangle, on the ground: each geometry is first
+        mapped to metres east and north around its centroid (``geoseg.units.ground_frames``)."""
+        centre = shapely.get_coordinates(shapely.centroid(geoms))
+        frames = ground_frames(self.crs_wkt, centre[:, 0], centre[:, 1])
+        coords, index = shapely.get_coordinates(geoms, return_index=True)
+        local = np.einsum("nij,nj->ni", frames[index], coords - centre[index])
+        geoms = shapely.transform(geoms, lambda xy: local)  # (same coordinate order as get_coordinates)
         rects = shapely.oriented_envelope(geoms)
         xy, index = shapely.get_coordinates(rects, return_index=True)
         starts = np.searchsorted(index, np.arange(len(geoms)))

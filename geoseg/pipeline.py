@@ -30,12 +30,14 @@ import ray
 
 from geoseg.actors import start_model_actors, start_writers, task_cpus, wait_ready
 from geoseg.config import Config
-from geoseg.contract import check_scene
+from geoseg.contract import check_scene, imagery_warning
 from geoseg.errors import GeosegError, InputError
 from geoseg.local_ray import LOCAL_OBJECT_STORE_BYTES, ensure_ray, ray_for_run  # noqa: F401 (re-exported)
 from geoseg.lock import RunLock
 from geoseg.discover import FoundInput, clashes, find_inputs
+from geoseg.quicklook import legend
 from geoseg.read import SceneInfo, inspect_scene
+from geoseg.report import write_report
 from geoseg.runlog import (
     config_fingerprint,
     entry_from_summary,
@@ -49,6 +51,7 @@ from geoseg.runlog import (
     save_manifest,
     write_run_record,
 )
+from geoseg.stac import write_collection
 from geoseg.storage import OutputStore, storage_env
 from geoseg.scheduler import Scheduler
 from geoseg.workers import warm_up_worker
@@ -74,6 +77,9 @@ class RunReport:
     device: str = ""  # where the models ran
     run_id: str = ""
     config_id: str = ""  # hash of the config and the models' versions (geoseg.runlog.config_fingerprint)
+    legend: dict[str, dict[str, str]] = field(default_factory=dict)  # model -> class -> quicklook colour
+    report_path: str = ""  # where report.html was written (geoseg.report)
+    warnings: list[str] = field(default_factory=list)  # about the whole run, each logged once (e.g. imagery_warning)
 
     @property
     def ok(self) -> bool:
@@ -140,6 +146,11 @@ def _inspect_inputs(todo: list[tuple[FoundInput, dict[str, Any] | None]], config
             except GeosegError as exc:
                 log.info("%s", exc)
                 report.failures.append((item.path, str(exc)))
+    warning = imagery_warning(config, scenes)  # models trained on synthetic scenes only, on real imagery
+    if warning is not None:
+        log.warning("%s", warning[0])
+        report.warnings.append(warning[0])
+        scenes = [s if s.synthetic else replace(s, warnings=(*s.warnings, warning[1])) for s in scenes]
     return scenes
 
 
@@ -151,11 +162,14 @@ def run(inputs: list[str], out_dir: str | Path, config: Config, address: str | N
     Incremental: an input whose published ``summary.json`` shows it done from the same bytes with
     the same config and models is skipped and its outputs are not touched; ``force`` redoes all.
     The run leaves ``summary.csv`` (this run's inputs), ``run-manifest.json`` (every input ever
-    processed here) and ``runs/<run id>.json`` (this run's record) in ``out_dir``.
+    processed here), ``runs/<run id>.json`` (this run's record) and ``collection.json`` (a STAC
+    Collection of every scene's Item, ``geoseg.stac``) in ``out_dir``, and ``report.html``, the page
+    a person opens (``geoseg.report``).
     """
     started = time.monotonic()
     versions = model_versions(config)  # reads every model's weights: once per run
     report = RunReport(started_unix=time.time(), run_id=new_run_id(), config_id=config_fingerprint(config, versions))
+    report.legend = legend(config)
     store = OutputStore(out_dir)
     store.check_writable()
     with contextlib.nullcontext() if store.remote else RunLock(out_dir):  # one run per output folder
@@ -172,7 +186,8 @@ def run(inputs: list[str], out_dir: str | Path, config: Config, address: str | N
 
 def _record(store: OutputStore, versions: dict[str, str], manifest: dict[str, dict[str, Any]],
             report: RunReport) -> None:
-    """The run's files: summary.csv, the run manifest with this run's inputs updated, its record."""
+    """The run's files: summary.csv, the run manifest with this run's inputs updated, the STAC
+    Collection, its record."""
     for summary in report.summaries:
         manifest[input_key(summary["input"])] = {**entry_from_summary(summary), "models": versions}
     for path, error in report.failures:
@@ -181,14 +196,17 @@ def _record(store: OutputStore, versions: dict[str, str], manifest: dict[str, di
                                      "config": report.config_id, "models": versions}
     store.write_text("summary.csv", run_csv(report))
     save_manifest(store, manifest, versions)
+    write_collection(store, manifest)  # collection.json: the STAC Items of every scene published in out/
     write_run_record(store, report.run_id, {
         "run": report.run_id, "started_unix": round(report.started_unix, 3), "seconds": round(report.seconds, 2),
         "config": report.config_id, "models": versions, "device": report.device,
         "inputs": {"processed": report.processed, "skipped": report.skipped, "failed": len(report.failures)},
         "tiles": report.tiles, "megapixels": round(report.megapixels, 3),
         "failures": [{"input": p, "error": e} for p, e in report.failures],
+        "warnings": report.warnings,
         "processed": [s["input"] for s in report.summaries if s.get("run") == report.run_id],
     })
+    report.report_path = write_report(store, report, manifest)  # report.html: the page a person opens
 
 
 def _run_locked(inputs: list[str], store: OutputStore, config: Config, address: str | None, progress: bool,

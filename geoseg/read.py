@@ -21,6 +21,9 @@ from geoseg.errors import InputError
 from geoseg.grid import Tile
 from geoseg.storage import gdal_path
 
+# GeoTIFF metadata tag that ``geoseg synth`` writes (with ``GEOSEG_SYNTH_SEED``): the scene is synthetic.
+SYNTHETIC_TAG = "GEOSEG_SYNTHETIC"
+
 
 @dataclass(frozen=True)
 class SceneInfo:
@@ -37,6 +40,9 @@ class SceneInfo:
     nodata: float | None
     name: str = ""  # output folder relative to --out (geoseg.discover); the file's stem if not given
     fingerprint: dict[str, Any] | None = None  # size and mtime, or ETag (geoseg.runlog.input_fingerprint)
+    synthetic: bool = False  # written by `geoseg synth` (its SYNTHETIC_TAG)
+    warnings: tuple[str, ...] = ()  # for summary.json, set by the driver (e.g. models trained on other imagery)
+    acquired: str | None = None  # acquisition time from the input's metadata, if any (acquisition_time)
 
     @property
     def stem(self) -> str:
@@ -71,9 +77,24 @@ def inspect_scene(path: str, name: str = "") -> SceneInfo:
                 transform=ds.transform,
                 nodata=ds.nodata,
                 name=name,
+                synthetic=is_synthetic(ds.tags()),
+                acquired=acquisition_time(ds),
             )
     except RasterioIOError as exc:
         raise InputError(path, f"not a readable raster ({_short(exc)})") from None
+
+
+def is_synthetic(tags: dict[str, str]) -> bool:
+    """Whether a raster's metadata tags mark it as written by ``geoseg synth``."""
+    return tags.get(SYNTHETIC_TAG) == "1"
+
+
+def acquisition_time(ds: Any) -> str | None:
+    """When the scene was acquired, as its metadata says: GDAL's ``IMAGERY`` domain (filled from
+    vendor sidecar files) or a tag of that name; None when it does not say (not TIFFTAG_DATETIME,
+    which is when the file was written)."""
+    value = ds.tags(ns="IMAGERY").get("ACQUISITIONDATETIME") or ds.tags().get("ACQUISITIONDATETIME")
+    return (str(value).strip() or None) if value else None
 
 
 def read_tile(path: str, tile: Tile, bands: list[int]) -> dict[str, Any]:

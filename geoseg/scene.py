@@ -8,6 +8,7 @@ them through the run's ``OutputStore`` (a folder rename, or an upload with its m
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -25,10 +26,15 @@ from geoseg.export import (
 )
 from geoseg.grid import tile_grid_shape
 from geoseg.postprocess import TileResult, empty_head
+from geoseg.quicklook import scene_overlays, write_quicklook
 from geoseg.read import SceneInfo
+from geoseg.stac import write_scene_item
 from geoseg.storage import OutputStore
 from geoseg.stitch import HeadStitcher
+from geoseg.styles import write_styles
 from geoseg.units import GroundScale, ground_scale
+
+log = logging.getLogger("geoseg")
 
 
 class SceneJob:
@@ -124,6 +130,7 @@ class SceneJob:
                                     "pixels": entry["pixels"], "area_m2": entry["area_m2"]})
             models[name] = {"task": spec.task, "classes": classes}
         write_counts_table(self.gpkg, counts_rows)
+        quicklook = self._quicklook()
         summary = {
             "input": self.info.path,
             "crs": self.info.crs_string,
@@ -139,12 +146,36 @@ class SceneJob:
             "valid_pixels": self.valid_pixels,
             "seconds": round(time.monotonic() - self.started, 2),
             "published_unix": round(time.time(), 3),
+            "warnings": list(self.info.warnings),  # e.g. models trained on other imagery (geoseg.contract)
             "models": models,
+            **quicklook,
         }
+        write_styles(self.gpkg, self.config, {name: mask.path for name, mask in self.masks.items()},
+                     {name: int(sink.count.sum()) for name, sink in self.sinks.items()})
+        if "parquet" in self.config.output.vectors:
+            from geoseg.geoparquet import write_vector_formats  # pyarrow: only in writers that need it
+
+            write_vector_formats(self.gpkg, self.config.models, self.config.output.vectors)
         drop_checkpoint(self.tmp_dir)
         write_json(self.tmp_dir / "summary.json", summary)
+        # Last before publishing: the STAC Item lists the files of known kinds in the folder now.
+        write_scene_item(self.tmp_dir, self.info, self.config, self.store, self.stamp)
         self.store.publish(self.tmp_dir, self.info.folder)
         return summary
+
+    def _quicklook(self) -> dict[str, Any]:
+        """``<stem>_quicklook.png``: the masks over the image, from overviews (geoseg.quicklook).
+        Its failure (the input gone since it was read) does not fail the scene; the summary says why."""
+        name = f"{self.info.stem}_quicklook.png"
+        bands = next(iter(self.config.models.values())).bands
+        overlays = scene_overlays(self.config, {model: mask.path for model, mask in self.masks.items()})
+        try:
+            write_quicklook(self.tmp_dir / name, self.info.path, overlays, bands)
+        except Exception as exc:  # noqa: BLE001 (any reason: reported, never fatal)
+            reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+            log.warning("%s: no quicklook (%s)", self.info.path, reason)
+            return {"quicklook": None, "quicklook_error": reason}
+        return {"quicklook": name}
 
     def abort(self) -> None:
         """Drop everything this scene wrote."""

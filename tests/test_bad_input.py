@@ -127,7 +127,8 @@ def check_failures(failures: list[tuple[str, str]], paths: dict[str, Path]) -> N
 def check_good_scene(out: Path, good: Path) -> None:
     scene = out / good.stem
     assert sorted(p.name for p in scene.iterdir()) == sorted(
-        ["good.gpkg", "good_landuse.tif", "good_ships.tif", "manifest.json", "summary.json"])
+        ["good.gpkg", "good_landuse.tif", "good_ships.tif", "good_landuse.qml", "good_ships.qml", "manifest.json",
+         "summary.json", "good.stac.json", "good_quicklook.png"])
     truth = good.with_suffix(".truth")
     with rasterio.open(scene / "good_landuse.tif") as m, rasterio.open(truth / "landuse.tif") as t, \
             rasterio.open(good) as src:
@@ -147,7 +148,8 @@ def check_good_scene(out: Path, good: Path) -> None:
 
 def check_out_dir_clean(out: Path, good: Path) -> None:
     """Only the good scene's folder and the run's files; nothing hidden or temporary anywhere."""
-    assert sorted(os.listdir(out)) == sorted(["summary.csv", "run-manifest.json", "runs", good.stem])
+    assert sorted(os.listdir(out)) == sorted(["summary.csv", "run-manifest.json", "runs", "collection.json", "report.html",
+                                             good.stem])
     for dirpath, dirnames, filenames in os.walk(out):
         for name in dirnames + filenames:
             assert not name.startswith("."), os.path.join(dirpath, name)

@@ -353,7 +353,8 @@ def test_readme_two_node_cluster_runs_the_entry_point(tmp_path):
     out = data / "out"
     scenes = [p for p in (data / "scenes").glob("*.tif")]
     assert len(scenes) == 1
-    assert sorted(p.name for p in out.iterdir()) == sorted(["run-manifest.json", "runs", "summary.csv", scenes[0].stem])
+    assert sorted(p.name for p in out.iterdir()) == sorted(["run-manifest.json", "runs", "summary.csv", "collection.json",
+                                                           "report.html", scenes[0].stem])
     scene_out = out / scenes[0].stem
     summary = json.loads((scene_out / "summary.json").read_text())
     assert summary["status"] == "ok" and summary["input"] == str(scenes[0])

@@ -34,6 +34,7 @@ NAMES = {
     "summary.csv.tif": "summary.csv_",
     "runs.TIF": "runs_",
     "run-manifest.json.tiff": "run-manifest.json_",
+    "collection.json.tif": "collection.json_",
     "my scene été.TIFF": "my scene été",
 }
 
@@ -106,7 +107,8 @@ def test_every_name_writes_only_its_own_folder(ray_session, tmp_path, tiny_scene
     assert outside_after == outside_before  # inputs, neighbours: nothing outside --out changed
     assert (out / "keep.txt").read_text() == "a user's file"
     top = {p.name for p in out.iterdir()}
-    assert top == {"keep.txt", "summary.csv", RUN_MANIFEST, "runs"} | {n.split("/")[0] for n in NAMES.values()}
+    assert top == {"keep.txt", "summary.csv", RUN_MANIFEST, "runs", "collection.json", "report.html"} | {
+        n.split("/")[0] for n in NAMES.values()}
     assert (out / "summary.csv").is_file() and (out / RUN_MANIFEST).is_file() and (out / "runs").is_dir()
     with rasterio.open(tiny_scene.with_suffix(".truth") / "landuse.tif") as t:
         truth = t.read(1)
@@ -117,7 +119,8 @@ def test_every_name_writes_only_its_own_folder(ray_session, tmp_path, tiny_scene
         leaf = name.rsplit("/", 1)[-1]
         assert sorted(p.name for p in folder.iterdir() if p.is_file()) == sorted(
             [f"{leaf}.gpkg", f"{leaf}_landuse.tif", f"{leaf}_buildings.tif", f"{leaf}_ships.tif",
-             "manifest.json", "summary.json"])
+             f"{leaf}_landuse.qml", f"{leaf}_buildings.qml", f"{leaf}_ships.qml", "manifest.json", "summary.json",
+             f"{leaf}.stac.json", f"{leaf}_quicklook.png"])
         with rasterio.open(folder / f"{leaf}_landuse.tif") as m:
             assert np.array_equal(m.read(1), truth)
     manifest = json.loads((out / RUN_MANIFEST).read_text())["inputs"]
@@ -277,6 +280,7 @@ def test_a_full_disk_says_so(ray_session, tmp_path, fast_config):
         error = report.failures[0][1]
         assert error.startswith(f"{scene}: ") and "disk full" in error and "\n" not in error, error
         assert "INSERT" not in error and "transaction" not in error, error
-        assert sorted(p.name for p in (disk / "out").iterdir()) == ["run-manifest.json", "runs", "summary.csv"]
+        assert sorted(p.name for p in (disk / "out").iterdir()) == ["report.html", "run-manifest.json", "runs",
+                                                                    "summary.csv"]
     finally:
         subprocess.run(["umount", str(disk)], check=False)

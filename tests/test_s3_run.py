@@ -28,9 +28,11 @@ def test_s3_in_and_out_equals_local_run(ray_session, s3_server, s3_bucket, synth
     assert bad == f"s3://{s3_bucket}/in/broken.TIF" and bad in error and "\n" not in error
 
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket, Prefix="out/")["Contents"]}
-    names = ["scene.gpkg", "scene_landuse.tif", "scene_buildings.tif", "scene_ships.tif", "summary.json", MANIFEST]
+    names = ["scene.gpkg", "scene_landuse.tif", "scene_buildings.tif", "scene_ships.tif", "summary.json", MANIFEST,
+             "scene_landuse.qml", "scene_buildings.qml", "scene_ships.qml", "scene.stac.json", "scene_quicklook.png"]
     run_record = f"out/runs/{report.run_id}.json"
-    assert keys == {f"out/scene/{n}" for n in names} | {"out/summary.csv", "out/run-manifest.json", run_record}
+    assert keys == {f"out/scene/{n}" for n in names} | {"out/summary.csv", "out/run-manifest.json", run_record,
+                                                            "out/collection.json", "out/report.html"}
     manifest = json.loads(s3.get_object(Bucket=s3_bucket, Key=f"out/scene/{MANIFEST}")["Body"].read())
     assert set(manifest["files"]) == set(names) - {MANIFEST}
     for name, entry in manifest["files"].items():

@@ -18,7 +18,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "defaults" / "configs" / 
 
 @click.group()
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
-@click.option("-q", "--quiet", is_flag=True, help="Errors only, no progress bar.")
+@click.option("-q", "--quiet", is_flag=True, help="Errors (and the run's warnings) only, no progress bar.")
 @click.version_option(__version__, prog_name="geoseg")
 @click.pass_context
 def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
@@ -35,16 +35,18 @@ def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
               help="YAML config (default: configs/default.yaml).")
 @click.option("--tile-size", type=int, default=None, help="Core pixels per tile side (overrides the config).")
 @click.option("--halo", type=int, default=None, help="Context pixels on each side of a tile.")
-@click.option("--batch-size", type=int, default=None, help="Tiles per model call.")
+@click.option("--batch-size", type=int, default=None, help="Tiles per task (per network call on a GPU; one by one on the CPU).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None)
+@click.option("--vectors", default=None, metavar="FORMATS",
+              help="Polygon formats, comma-separated: gpkg, parquet (default: the config's output.vectors, gpkg).")
 @click.option("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray).")
 @click.option("--recursive", "-r", is_flag=True, help="Take rasters in sub-folders too (outputs mirror them).")
 @click.option("--force", is_flag=True, help="Redo every input, even those unchanged since they were done.")
 @click.option("--resume", is_flag=True, hidden=True, help="No effect: every run skips unchanged inputs.")
 @click.pass_context
 def run(ctx: click.Context, inputs: tuple[str, ...], out_dir: str, config_path: str | None, tile_size: int | None,
-        halo: int | None, batch_size: int | None, device: str | None, address: str | None, recursive: bool,
-        force: bool, resume: bool) -> None:
+        halo: int | None, batch_size: int | None, device: str | None, vectors: str | None, address: str | None,
+        recursive: bool, force: bool, resume: bool) -> None:
     """Segment every GeoTIFF in INPUTS (files, folders, globs, s3:// prefixes) into OUT.
 
     Inputs done before from the same bytes with the same config and models are skipped (see
@@ -58,6 +60,7 @@ def run(ctx: click.Context, inputs: tuple[str, ...], out_dir: str, config_path: 
       geoseg run 'scenes/2026-*/*.tif' --out out/  # a glob (quoted: geoseg expands it)
       geoseg run scenes/ --out out/ --force        # redo everything
       geoseg run a.tif b.tif --out out/ --config configs/default.yaml --tile-size 1024
+      geoseg run scenes/ --out out/ --vectors gpkg,parquet   # GeoParquet files too
       geoseg run /vsis3/bucket/scene.tif --out out/ --address ray://head:10001
       geoseg run s3://bucket/scenes/ --out s3://bucket/results   # AWS_* variables, see README
     """
@@ -65,18 +68,23 @@ def run(ctx: click.Context, inputs: tuple[str, ...], out_dir: str, config_path: 
     from geoseg.pipeline import run as run_pipeline
     from geoseg.storage import OutputStore
 
-    overrides = {"tiling": {"tile_size": tile_size, "halo": halo}, "runtime": {"batch_size": batch_size, "device": device}}
+    overrides = {"tiling": {"tile_size": tile_size, "halo": halo}, "runtime": {"batch_size": batch_size, "device": device},
+                 "output": {"vectors": vectors}}
     config = load_config(config_path or DEFAULT_CONFIG, overrides)
     del resume  # kept so that old nightly scripts still run: skipping unchanged inputs is the default
     report = run_pipeline(list(inputs), out_dir, config, address=address, progress=not ctx.obj["quiet"],
                           force=force, recursive=recursive)
     for path, error in report.failures:
         click.echo(f"error: {error}" if path in error else f"error: {path}: {error}", err=True)
+    if ctx.obj["quiet"]:  # -q hides the log; a warning that the results may be wrong still shows
+        for warning in report.warnings:
+            click.echo(f"warning: {warning}", err=True)
     click.echo(
         f"{report.processed} processed, {report.skipped} unchanged (skipped), {len(report.failures)} failed; "
         f"{report.tiles} tiles, {report.megapixels:.1f} Mpx in {report.seconds:.1f} s -> "
         f"{OutputStore(out_dir).uri('summary.csv')}"
     )
+    click.echo(f"report: {report.report_path or OutputStore(out_dir).uri('report.html')}")
     if not report.ok:
         sys.exit(1)
 
