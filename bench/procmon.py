@@ -69,6 +69,20 @@ def pss_kb(pid: int) -> int:
     return 0
 
 
+def pss_parts_kb(pid: int) -> dict[str, int]:
+    """PSS split as the kernel counts it (``smaps_rollup``): ``Pss`` = ``Pss_Anon`` (private heap)
+    + ``Pss_File`` (libraries) + ``Pss_Shmem`` (shared memory: Ray's object store pages it touched)."""
+    out = {}
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            key = line.split(":", 1)[0]
+            if key in ("Pss", "Pss_Anon", "Pss_File", "Pss_Shmem"):
+                out[key] = int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return out
+
+
 def process_start_unix(pid: int | str = "self") -> float:
     """When a process started, as Unix time (``/proc/<pid>/stat`` field 22 + boot time)."""
     stat = Path(f"/proc/{pid}/stat").read_text()
@@ -157,6 +171,7 @@ class Monitor:
         self.whole_pss_peak_kb = 0  # driver PSS + PSS sum of the Ray processes, same sample
         self.whole_peak_split_kb: dict[str, int] = {}
         self.whole_peak_processes_kb: dict[str, int] = {}  # "<pid> <name>" -> PSS at the peak sample
+        self.whole_peak_processes_parts_kb: dict[str, dict[str, int]] = {}  # same, split anon / file / shmem
         self.whole_peak_at = 0.0
         self.cpu_by_process: dict[int, tuple[str, float]] = {}  # pid -> (name, CPU s at its last sample)
         self.processes_max = 0
@@ -202,13 +217,16 @@ class Monitor:
         procs = self._job_processes()
         split: dict[str, int] = {}
         each: dict[str, int] = {}
+        parts: dict[str, dict[str, int]] = {}
         workers_rss = 0
         for p in procs:
             cmd = self._cmd.get(p) or _cmdline(p)
             kind = kind_of(cmd)
-            pss = pss_kb(p)
+            rollup = pss_parts_kb(p)
+            pss = rollup.get("Pss", 0)
             split[kind] = split.get(kind, 0) + pss
             each[f"{p} {_short(cmd)}"] = pss
+            parts[f"{p} {_short(cmd)}"] = rollup
             self.cpu_by_process[p] = (_short(cmd), cpu_seconds(p))
             if kind == "workers":
                 workers_rss += rss_kb(p)
@@ -223,6 +241,7 @@ class Monitor:
             self.whole_peak_kb, self.whole_peak_at = whole, time.time()
             self.whole_peak_split_kb = {"driver_rss": driver_rss, **split}
             self.whole_peak_processes_kb = each
+            self.whole_peak_processes_parts_kb = parts
         self.processes_max = max(self.processes_max, len(procs))
         self.workers_max = max(self.workers_max, sum(1 for p in procs if kind_of(self._cmd.get(p, "")) == "workers"))
         self.samples += 1
@@ -242,6 +261,9 @@ class Monitor:
             "whole_job_peak_split_mib": {k: round(v * mib, 1) for k, v in self.whole_peak_split_kb.items()},
             "whole_job_peak_processes_pss_mib": {k: round(v * mib, 1) for k, v in sorted(
                 self.whole_peak_processes_kb.items(), key=lambda kv: -kv[1])},
+            "whole_job_peak_processes_pss_parts_mib": {
+                k: {part.removeprefix("Pss_").lower(): round(v * mib, 1) for part, v in split.items() if part != "Pss"}
+                for k, split in sorted(self.whole_peak_processes_parts_kb.items(), key=lambda kv: -kv[1].get("Pss", 0))},
             "whole_job_peak_unix": round(self.whole_peak_at, 3),
             "whole_job_peak_all_pss_mib": round(self.whole_pss_peak_kb * mib, 1),
             "ray_processes_peak_pss_sum_mib": round(self.ray_pss_peak_kb * mib, 1),
