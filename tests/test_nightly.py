@@ -209,6 +209,20 @@ def test_model_versions_follow_the_weights(tmp_path):
     assert config_fingerprint(config) != fingerprint
 
 
+def _published_when_settled(out: Path, quiet_s: float = 3.0, limit_s: float = 30.0) -> set[str]:
+    """Scenes published in ``out`` once that stops changing: the killed driver's scene writers are
+    other processes, and one may still finish a publish until Ray ends the dead job's workers."""
+    seen, since, deadline = None, time.monotonic(), time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        now = {p.parent.name for p in out.glob("*/manifest.json")}
+        if now != seen:
+            seen, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            break
+        time.sleep(0.1)
+    return seen or set()
+
+
 def test_driver_killed_mid_run_then_rerun(ray_session, tmp_path, oracle_config_path):
     """SIGKILL the driver while the large last scene is half done; the rerun skips the published
     scenes, replays the large scene's checkpointed tiles instead of recomputing them, and everything
@@ -228,13 +242,14 @@ def test_driver_killed_mid_run_then_rerun(ray_session, tmp_path, oracle_config_p
         driver = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 240
         checkpoints = out / ".k33.partial" / "tiles"
-        while (len(list(checkpoints.glob("*.pkl.z"))) < 12 and driver.poll() is None
-               and time.monotonic() < deadline):
+        # Scenes assemble side by side: wait for a small one published and the large one well begun.
+        while ((len(list(checkpoints.glob("*.pkl.z"))) < 12 or not list(out.glob("*/manifest.json")))
+               and driver.poll() is None and time.monotonic() < deadline):
             time.sleep(0.1)
         assert driver.poll() is None, "the run ended before the kill; make the last scene larger"
         driver.send_signal(signal.SIGKILL)
         driver.wait()
-        done_before = {p.parent.name for p in out.glob("*/manifest.json")}
+        done_before = _published_when_settled(out)
         assert 1 <= len(done_before) < 3 and "k33" not in done_before
         checkpointed = len(list(checkpoints.glob("*.pkl.z")))
         finished = {name: _tree(out / name) for name in done_before}
