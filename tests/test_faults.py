@@ -195,12 +195,13 @@ def test_model_actor_killed_mid_run(ray_session, scenes, undisturbed, oracle_con
     assert_no_partial_files(out)
 
 
-def test_worker_node_dies_mid_run(scenes, undisturbed, tmp_path):
+def test_worker_node_dies_mid_run(scenes, undisturbed, oracle_config_path, tmp_path):
     """Kill a worker node of a 3-node cluster (a model actor with calls in flight, a scene writer
     with a scene half assembled, tasks, objects): the run completes and equals an undisturbed one."""
     expected, config_path = undisturbed
+    slow = _config_with(tmp_path / "config.yaml", oracle_config_path, "slow_landuse")  # scenes still at work
     out, report_json = tmp_path / "out", tmp_path / "report.json"
-    proc = subprocess.run([sys.executable, str(CLUSTER_RUN), "--remove-node-mid-run", str(config_path), "{}",
+    proc = subprocess.run([sys.executable, str(CLUSTER_RUN), "--remove-node-mid-run", str(slow), "{}",
                            str(out), str(report_json), *scenes], capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rep = json.loads(report_json.read_text())
