@@ -90,7 +90,11 @@ class RunOutputs:
 
         if model not in self.models(scene):
             raise KeyError(f"no model '{model}' in {self._scene(scene)} (models: {', '.join(self.models(scene))})")
-        return geopandas.read_file(self.gpkg(scene), layer=model)
+        gpkg = self.gpkg(scene)
+        parquet = gpkg.with_name(f"{gpkg.stem}_{model}.parquet")
+        if not gpkg.exists() and parquet.exists():  # a run with --vectors parquet only
+            return geopandas.read_parquet(parquet)
+        return geopandas.read_file(gpkg, layer=model)
 
     def layers(self, scene: str) -> dict[str, "geopandas.GeoDataFrame"]:
         """``{model: GeoDataFrame}`` for every model of the scene."""

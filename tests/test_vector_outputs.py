@@ -17,6 +17,7 @@ import pytest
 import shapely
 from click.testing import CliRunner
 
+import geoseg
 from geoseg.cli.main import cli, main
 from geoseg.config import load_config
 from geoseg.styles import class_colors
@@ -203,6 +204,7 @@ def test_cli_parquet_only_writes_no_geopackage(ray_session, tmp_path, oracle_con
     summary = json.loads((out / "only" / "summary.json").read_text())  # the counts are still there
     ships = summary["models"]["ships"]["classes"]["ship"]["count"]
     assert len(gpd.read_parquet(out / "only" / "only_ships.parquet")) == ships
+    assert len(geoseg.open_run(out).layer("only", "ships")) == ships  # the Python reader takes the Parquet
 
 
 def test_bad_vectors_value_is_one_line(tmp_path, oracle_config_path, monkeypatch, capsys):
