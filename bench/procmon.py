@@ -27,60 +27,41 @@ PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 _SESSION = re.compile(r"session_\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_\d+_\d+")
 
 
-def _status_kb(pid: int, key: str) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
-
-
-def rss_parts_kb(pid: int) -> dict[str, int]:
-    """VmRSS split as the kernel counts it: RssAnon (private heap), RssFile (libraries), RssShmem (shared memory)."""
+def _fields_kb(path: str, keys: tuple[str, ...]) -> dict[str, int]:
+    """The kB values of ``keys`` in a ``/proc`` file of ``Key: value kB`` lines (missing: left out)."""
     out = {}
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        for line in Path(path).read_text().splitlines():
             key = line.split(":", 1)[0]
-            if key in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
+            if key in keys:
                 out[key] = int(line.split()[1])
     except (OSError, ValueError, IndexError):
         pass
     return out
 
 
+def rss_parts_kb(pid: int) -> dict[str, int]:
+    """VmRSS split as the kernel counts it: RssAnon (private heap), RssFile (libraries), RssShmem (shared memory)."""
+    return _fields_kb(f"/proc/{pid}/status", ("VmRSS", "RssAnon", "RssFile", "RssShmem"))
+
+
 def rss_kb(pid: int) -> int:
-    return _status_kb(pid, "VmRSS")
+    return _fields_kb(f"/proc/{pid}/status", ("VmRSS",)).get("VmRSS", 0)
 
 
 def hwm_kb(pid: int) -> int:
     """Peak RSS of a live process (VmHWM)."""
-    return _status_kb(pid, "VmHWM")
+    return _fields_kb(f"/proc/{pid}/status", ("VmHWM",)).get("VmHWM", 0)
 
 
 def pss_kb(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
+    return _fields_kb(f"/proc/{pid}/smaps_rollup", ("Pss",)).get("Pss", 0)
 
 
 def pss_parts_kb(pid: int) -> dict[str, int]:
     """PSS split as the kernel counts it (``smaps_rollup``): ``Pss`` = ``Pss_Anon`` (private heap)
     + ``Pss_File`` (libraries) + ``Pss_Shmem`` (shared memory: Ray's object store pages it touched)."""
-    out = {}
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            key = line.split(":", 1)[0]
-            if key in ("Pss", "Pss_Anon", "Pss_File", "Pss_Shmem"):
-                out[key] = int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return out
+    return _fields_kb(f"/proc/{pid}/smaps_rollup", ("Pss", "Pss_Anon", "Pss_File", "Pss_Shmem"))
 
 
 def process_start_unix(pid: int | str = "self") -> float:
