@@ -22,7 +22,7 @@ from rasterio.windows import Window
 
 from geoseg.config import ModelConfig
 from geoseg.postprocess import SEMANTIC_NODATA
-from geoseg.styles import class_colors
+from geoseg.styles import class_colors, hex_rgb
 from geoseg.units import GroundScale, ground_frames
 from geoseg.vectorize import pixel_to_crs, to_multipolygons
 
@@ -32,11 +32,6 @@ PASS_WINDOW = 2048
 # class mask 35x faster than deflate here; the published COG is deflate, which every reader opens.
 _GTIFF = dict(driver="GTiff", tiled=True, blockxsize=512, blockysize=512, compress="zstd", zstd_level=1,
               BIGTIFF="IF_SAFER")
-
-
-def _rgb(hex_color: str) -> tuple[int, int, int, int]:
-    h = hex_color.lstrip("#")
-    return int(h[0:2], 16), int(h[2:4], 16), int(h[4:6], 16), 255
 
 
 class MaskWriter:
@@ -81,7 +76,7 @@ class MaskWriter:
             ds.update_tags(geoseg_model=self.name, geoseg_task=self.spec.task,
                            geoseg_classes=json.dumps(self.spec.classes))
             if self.spec.task == "semantic":
-                ds.write_colormap(1, {i: _rgb(c) for i, c in enumerate(class_colors(self.spec))})
+                ds.write_colormap(1, {i: (*hex_rgb(c), 255) for i, c in enumerate(class_colors(self.spec))})
                 ds.update_tags(1, **{f"class_{i}": c for i, c in enumerate(self.spec.classes)})
             ds.set_band_description(1, f"{self.name} ({'class index' if self.spec.task == 'semantic' else 'instance id, 0 = none'})")
 

@@ -22,6 +22,7 @@ import rasterio
 from rasterio.enums import Resampling
 
 from geoseg.storage import gdal_path
+from geoseg.styles import hex_rgb, layer_symbols
 
 QUICKLOOK_SIZE = 1024  # pixels on the longest side (never more than the raster's own)
 LANDUSE_ALPHA = 0.45
@@ -53,11 +54,6 @@ def image_bands(bands: list[int] | None, count: int) -> list[int]:
     if bands and all(1 <= b <= count for b in bands):
         return list(bands[:3]) if len(bands) >= 3 else [bands[0]]
     return [1, 2, 3] if count >= 3 else [1]
-
-
-def _hex(color: str) -> np.ndarray:
-    h = color.lstrip("#")
-    return np.array([int(h[i:i + 2], 16) for i in (0, 2, 4)], dtype=np.float32)
 
 
 def stretch(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
@@ -101,7 +97,7 @@ def _semantic_layer(path: str, shape: tuple[int, int], colors: tuple[str, ...] |
     alpha = np.zeros(256, dtype=np.float32)
     if colors is not None:
         for k, c in enumerate(colors[:256]):
-            lut[k], alpha[k] = _hex(c), LANDUSE_ALPHA
+            lut[k], alpha[k] = hex_rgb(c), LANDUSE_ALPHA
     elif colormap is not None:
         for k, rgba in colormap.items():
             if 0 <= k < 256 and rgba[3] > 0:
@@ -133,7 +129,7 @@ def _instance_layer(path: str, shape: tuple[int, int], color: str) -> tuple[np.n
     ids, _, _ = _read_mask(path, shape)
     alpha = np.where(ids > 0, INSTANCE_FILL_ALPHA, 0.0).astype(np.float32)
     alpha[outlines(ids)] = 1.0
-    return np.broadcast_to(_hex(color), (*shape, 3)), alpha
+    return np.broadcast_to(np.array(hex_rgb(color), dtype=np.float32), (*shape, 3)), alpha
 
 
 def render(image: str, overlays: list[Overlay], bands: list[int] | None = None,
@@ -177,8 +173,6 @@ def write_quicklook(path: str | os.PathLike[str], image: str, overlays: list[Ove
 def legend(config: Any) -> dict[str, dict[str, str]]:
     """Per model, the colour of each class in quicklooks (model -> class -> '#rrggbb'): the QGIS
     styles' (``geoseg.styles``), fills of land-use classes and outlines of objects."""
-    from geoseg.styles import layer_symbols
-
     symbols = layer_symbols(config)
     return {name: {sym.value: (sym.fill if spec.task == "semantic" else sym.outline) for sym in symbols[name]}
             for name, spec in config.models.items()}

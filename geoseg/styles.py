@@ -28,6 +28,12 @@ def class_colors(spec: ModelConfig) -> list[str]:
     return list(spec.colors) if spec.colors else [_PALETTE[i % len(_PALETTE)] for i in range(len(spec.classes))]
 
 
+def hex_rgb(hex_color: str) -> tuple[int, int, int]:
+    """'#rrggbb' -> (r, g, b), 0-255."""
+    h = hex_color.lstrip("#")
+    return int(h[0:2], 16), int(h[2:4], 16), int(h[4:6], 16)
+
+
 QGIS_VERSION = "3.22.0-Białowieża"  # the oldest QGIS these documents are written for (current LTRs read them)
 # Instance heads without configured colours, in the order of the config (default: buildings, ships).
 _INSTANCE_COLORS = ["#e4572e", "#00b4d8", "#ffc300", "#9b5de5", "#2ec4b6", "#ff006e"]
@@ -245,14 +251,9 @@ def sld(layer: str, symbols: list[Symbol]) -> str:
     return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
 
 
-def _rgb(hex_color: str) -> tuple[int, int, int]:
-    h = hex_color.lstrip("#")
-    return int(h[0:2], 16), int(h[2:4], 16), int(h[4:6], 16)
-
-
 def _qcolor(hex_color: str, alpha: int) -> str:
-    return ",".join(str(v) for v in (*_rgb(hex_color), alpha))
+    return ",".join(str(v) for v in (*hex_rgb(hex_color), alpha))
 
 
 def _darker(hex_color: str) -> str:
-    return "#" + "".join(f"{int(v * 0.6):02x}" for v in _rgb(hex_color))
+    return "#" + "".join(f"{int(v * 0.6):02x}" for v in hex_rgb(hex_color))

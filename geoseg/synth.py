@@ -26,6 +26,7 @@ from rasterio.windows import Window
 
 from geoseg.export import LayerWriter
 from geoseg.read import SYNTHETIC_TAG
+from geoseg.styles import hex_rgb
 from geoseg.vectorize import label_polygons, merge_parts, pixel_to_crs
 
 LANDUSE_CLASSES = ["water", "forest", "cropland", "urban", "bare"]
@@ -36,11 +37,7 @@ NODATA = 0
 WINDOW = 1024
 
 
-def _rgb(hex_color: str) -> tuple[int, int, int]:
-    return tuple(int(hex_color[i : i + 2], 16) for i in (1, 3, 5))  # type: ignore[return-value]
-
-
-PALETTE = np.array([_rgb(c) for c in LANDUSE_COLORS] + [BUILDING_RGB, CONTACT_RGB, SHIP_RGB], dtype=np.float32)
+PALETTE = np.array([hex_rgb(c) for c in LANDUSE_COLORS] + [BUILDING_RGB, CONTACT_RGB, SHIP_RGB], dtype=np.float32)
 # Land-use class of each palette colour: buildings (and their contact lines) are urban, ships water.
 PALETTE_CLASS = [0, 1, 2, 3, 4, URBAN, URBAN, WATER]
 
@@ -161,7 +158,7 @@ def write_scene(path: str | Path, size: int = 2048, seed: int = 0, crs: str = "E
                 rgb, classes = _render_window(win, objects, tree, seed, cell, noise, nodata_corner, size)
                 img.write(rgb, window=win)
                 lu.write(classes, 1, window=win)
-        lu.write_colormap(1, {i: (*_rgb(c), 255) for i, c in enumerate(LANDUSE_COLORS)})
+        lu.write_colormap(1, {i: (*hex_rgb(c), 255) for i, c in enumerate(LANDUSE_COLORS)})
         lu.update_tags(classes=",".join(LANDUSE_CLASSES))
         # Marks the scene as synthetic: a run of models trained only on such scenes warns on any
         # raster without this tag (geoseg.pipeline), and `geoseg train` knows what it learned from.
