@@ -45,6 +45,7 @@ class RuntimeConfig(_Frozen):
 
 
 VECTOR_FORMATS = ("gpkg", "parquet")
+SEMANTIC_NODATA = 255  # class value of a semantic mask's pixels without a result (outside the valid input)
 
 
 class OutputConfig(_Frozen):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +19,7 @@ from affine import Affine
 from pyogrio.raw import write as ogr_write
 from rasterio.windows import Window
 
-from geoseg.config import ModelConfig
-from geoseg.postprocess import SEMANTIC_NODATA
+from geoseg.config import SEMANTIC_NODATA, ModelConfig
 from geoseg.styles import class_colors, hex_rgb
 from geoseg.units import GroundScale, ground_frames
 from geoseg.vectorize import pixel_to_crs, to_multipolygons
@@ -204,9 +202,3 @@ def write_counts_table(path: Path, rows: list[dict[str, Any]]) -> None:
     data = [np.asarray([r[f] if r[f] is not None else -1 for r in rows], dtype=t) for f, t in zip(fields, types)]
     ogr_write(str(path), None, field_data=data, fields=fields, layer="counts", driver="GPKG", geometry_type=None)
 
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON under a temporary name, then rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)

@@ -11,13 +11,12 @@ from typing import Any
 
 import numpy as np
 
-from geoseg.config import Config, ModelConfig
+from geoseg.config import SEMANTIC_NODATA, Config, ModelConfig
 from geoseg.decode import decode_instances, label_regions
 from geoseg.grid import Tile
 from geoseg.vectorize import label_polygons
 
 SIDES = ("top", "bottom", "left", "right")
-SEMANTIC_NODATA = 255
 
 
 @dataclass

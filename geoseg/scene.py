@@ -22,14 +22,13 @@ from geoseg.export import (
     MaskWriter,
     ObjectSink,
     write_counts_table,
-    write_json,
 )
 from geoseg.grid import tile_grid_shape
 from geoseg.postprocess import TileResult, empty_head
 from geoseg.quicklook import scene_overlays, write_quicklook
 from geoseg.read import SceneInfo
 from geoseg.stac import write_scene_item
-from geoseg.storage import OutputStore
+from geoseg.storage import OutputStore, write_json
 from geoseg.stitch import HeadStitcher
 from geoseg.styles import write_styles
 from geoseg.units import GroundScale, ground_scale

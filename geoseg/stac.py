@@ -37,10 +37,10 @@ from pystac.extensions.projection import ProjectionExtension
 from pystac.extensions.raster import RasterBand, RasterExtension
 
 import geoseg
-from geoseg.config import Config, ModelConfig
+from geoseg.config import SEMANTIC_NODATA, Config, ModelConfig
 from geoseg.styles import class_colors
 from geoseg.read import SceneInfo
-from geoseg.storage import MANIFEST, OutputStore
+from geoseg.storage import MANIFEST, OutputStore, write_json
 
 log = logging.getLogger("geoseg")
 
@@ -145,9 +145,6 @@ def _points(geometry: dict[str, Any]) -> list[tuple[float, float]]:
 def _classes(spec: ModelConfig) -> list[Classification]:
     """A semantic mask's classes (``name`` made schema-safe, the configured name kept as ``title``)
     and its nodata value."""
-    from geoseg.postprocess import SEMANTIC_NODATA  # here, not at the top: the driver writes only the
-    # Collection and must not load post-processing's scipy/scikit-image for it
-
     classes = []
     for value, (name, color) in enumerate(zip(spec.classes, class_colors(spec))):
         hex_color = color.strip().lstrip("#")
@@ -162,8 +159,6 @@ def _classes(spec: ModelConfig) -> list[Classification]:
 
 
 def _mask_asset(item: pystac.Item, file: str, model: str, spec: ModelConfig) -> pystac.Asset:
-    from geoseg.postprocess import SEMANTIC_NODATA  # see _classes
-
     semantic = spec.task == "semantic"
     description = (f"{model}: class index per pixel, {SEMANTIC_NODATA} = nodata" if semantic else
                    f"{model}: instance id per pixel ({spec.classes[0]}), 0 = none (also nodata); each id is "
@@ -259,8 +254,6 @@ def write_scene_item(folder: Path, info: SceneInfo, config: Config, store: Outpu
     and before publishing; returns its path. Metadata does not fail a scene whose files are made:
     when the Item cannot be made (a CRS PROJ cannot take to EPSG:4326, say) the scene is published
     without it, which the log says, and the Collection leaves it out."""
-    from geoseg.export import write_json  # see _classes
-
     path = folder / item_filename(info.folder)
     try:
         item = scene_item(folder, info, config, collection_id(store.location), stamp)

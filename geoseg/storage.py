@@ -406,3 +406,10 @@ class OutputStore:
             os.replace(tmp, path)
         except OSError as exc:
             raise OutputError(self.uri(relpath), f"cannot write ({exc.strerror or exc})") from None
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON under a temporary name, then rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
