@@ -18,11 +18,6 @@ from geoseg.units import GroundScale
 from geoseg.workers import PredictorWorker, TileAck
 
 WRITER_THREADS = 4  # concurrent calls per writer: scenes on one writer are assembled side by side
-# A CPU model actor runs torch's OpenMP threads on every core, beside the read, post-processing and
-# writer processes. OpenMP's default spin-waiting then burns the cores those need: passive waiting
-# cut the actor's CPU time for a 4096^2 U-Net from 38.4 to 31.9 s and the run from 29.6 to 27.0 s
-# (2 cores). Set for the actor's process, before torch loads OpenMP (env vars merge with the job's).
-CPU_MODEL_ENV = {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}}
 
 
 class WriterActor:
@@ -119,8 +114,8 @@ def model_actor(config: Config, node: str | None) -> Any:
         return cls.options(num_gpus=1, num_cpus=1, max_concurrency=2).remote(config, 1)
     cpus = dict(cpu_nodes()).get(node, 1.0)
     reserve = cpus - 1 if cpus >= 2 else 0.5
-    return cls.options(num_cpus=reserve, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
-                       runtime_env=CPU_MODEL_ENV).remote(config, max(1, int(cpus)))
+    return cls.options(num_cpus=reserve, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)
+                       ).remote(config, max(1, int(cpus)))
 
 
 def start_writers(config: Config, store: OutputStore, env: dict[str, str]) -> list[Any]:

@@ -204,3 +204,26 @@ def test_nodata_pixels_enter_the_network_as_zero_after_normalisation(smp_dir):
     fill_value[:, ~valid] = np.array([10, 20, 30], np.float32)[:, None]  # the mean: 0 once normalised
     run = lambda img, v: pred([{"tile": tile, "status": "ok", "image": img, "valid": v}])[0]["heads"]["landuse"]
     np.testing.assert_array_equal(run(filled, valid), run(fill_value, np.ones_like(valid)))
+
+
+@pytest.mark.parametrize("preset, expected", [(None, ["OMP_WAIT_POLICY = 'PASSIVE'", "GOMP_SPINCOUNT = '0'"]),
+                                              ("ACTIVE", ["OMP_WAIT_POLICY = 'ACTIVE'"])])
+def test_model_actor_process_waits_passively_unless_the_user_chose(preset, expected):
+    """The model actor's process sets OpenMP's wait policy before torch loads it: read back from
+    libgomp itself (OMP_DISPLAY_ENV), in a fresh interpreter as a Ray worker is; a policy the user
+    set wins. (libgomp's default also displays as PASSIVE, but spins 300000 times first: the spin
+    count tells them apart.)"""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env["OMP_DISPLAY_ENV"] = "VERBOSE"
+    if preset:
+        env["OMP_WAIT_POLICY"] = preset
+    code = ("from geoseg.workers import passive_openmp; passive_openmp(); import torch; "
+            "torch.ones(64, 64) @ torch.ones(64, 64)")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for line in expected:
+        assert line in done.stderr
