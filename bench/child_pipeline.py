@@ -12,9 +12,9 @@ writer, ``started_unix``, ``megapixels``). Nothing in geoseg is wrapped or patch
   around ``run``; the Ray processes are other processes and do not count;
 - driver peak RSS: VmHWM of this process right after ``run`` (the parent also polls the whole job).
 
-Ray: ``run`` starts the local Ray itself (as ``geoseg run`` does) unless ``--num-cpus`` asks for
-another CPU count than this machine has; then Ray is started here first, with that count, and the
-start is outside the timed ``run`` (recorded as ``ray_started_by: bench``).
+Ray: ``run`` starts the local Ray itself (as ``geoseg run`` does) unless ``--ray-up`` is given or
+``--num-cpus`` asks for another CPU count than this machine has; then Ray is started here first
+(with that count), and the start is outside the timed ``run`` (recorded as ``ray_started_by: bench``).
 """
 
 from __future__ import annotations
@@ -70,6 +70,7 @@ def main() -> None:
     ap.add_argument("--config", required=True, help="JSON file: the config dict (config_from_dict)")
     ap.add_argument("--base-dir", default=os.getcwd(), help="what relative factory paths are resolved against")
     ap.add_argument("--num-cpus", type=int, default=None, help="local Ray CPUs (default: run() decides)")
+    ap.add_argument("--ray-up", action="store_true", help="start the local Ray before run() (not timed)")
     ap.add_argument("--idle-seconds", type=float, default=0.0,
                     help="after run(), measure the driver's CPU while Ray is up and idle for this long")
     ap.add_argument("--json", required=True)
@@ -86,9 +87,9 @@ def main() -> None:
         config = config_from_dict(json.load(fh), "<bench>", base_dir=args.base_dir)
     ray_started_by = "run"
     ray_start_s = None
-    if args.num_cpus is not None and args.num_cpus != os.cpu_count():
+    if args.ray_up or (args.num_cpus is not None and args.num_cpus != os.cpu_count()):
         t = time.perf_counter()
-        _start_ray(args.num_cpus)
+        _start_ray(args.num_cpus or os.cpu_count() or 1)
         ray_start_s, ray_started_by = round(time.perf_counter() - t, 2), "bench"
     rss_before_kb = rss_kb(os.getpid())
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)

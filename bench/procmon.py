@@ -133,6 +133,8 @@ def _short(cmdline: str) -> str:
     """A process's name for the per-process split: ``ray::Name`` or the executable's or script's base name."""
     if cmdline.startswith("ray::"):
         return cmdline.split(" ", 1)[0]
+    if kind_of(cmdline) in ("gcs", "raylet"):  # (the raylet's arguments name setup_worker.py)
+        return cmdline.split(" ", 1)[0].rsplit("/", 1)[-1]
     parts = cmdline.split()
     script = next((a for a in parts[1:] if a.endswith(".py")), parts[0] if parts else "?")
     return script.rsplit("/", 1)[-1]
@@ -208,7 +210,12 @@ class Monitor:
             split[kind] = split.get(kind, 0) + pss
             each[f"{p} {_short(cmd)}"] = pss
             parts[f"{p} {_short(cmd)}"] = rollup
-            self.cpu_by_process[p] = (_short(cmd), cpu_seconds(p))
+            # A process that has just exited reads as 0 s and no name: keep its last real figures.
+            name, cpu = _short(cmd), cpu_seconds(p)
+            before = self.cpu_by_process.get(p)
+            if before is not None and cpu < before[1]:
+                name, cpu = before
+            self.cpu_by_process[p] = (name if name != "?" or before is None else before[0], cpu)
             if kind == "workers":
                 workers_rss += rss_kb(p)
         ray_pss = sum(split.values())

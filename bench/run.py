@@ -4,8 +4,11 @@ Sections (each measurement in its own subprocess, so a peak is one run's; see ``
 
 - ``trivial``: the pipeline's own ceiling (1x1-conv model, 8192^2, 2 CPUs): Mpx/s steady and end
   to end, whole-job peak memory (driver RSS + PSS of every Ray process);
-- ``unet``: U-Net ResNet-18 on 4096^2: the model alone on all cores, the pipeline, their ratio,
-  and the peer (geoai-py ``predict_geotiff``, same network and weights) in a throw-away venv;
+- ``floor``: the whole-job memory before the first tile (Ray's own processes; every geoseg process
+  started and ready), for the trivial model and the default config: what per-pixel work cannot lower;
+- ``unet``: U-Net ResNet-18 on 4096^2: the model alone on all cores, the pipeline (Ray started by
+  the run, and already up), their ratio, the job's CPU seconds against the model's, and the peer
+  (geoai-py ``predict_geotiff``, same network and weights) in a throw-away venv;
 - ``driver_cpu``: three trivial heads (semantic + two instance) at 2048^2 and 4096^2: driver CPU
   seconds per extra megapixel;
 - ``start``: first tile and end to end of ``geoseg run`` on a 1024^2 image with the default config;
@@ -49,7 +52,7 @@ TRIVIAL = "bench/models.py:trivial_semantic"
 UNET_FILE, UNET_MODULE = "bench/models.py:unet_resnet18", "bench.models:unet_resnet18"
 BOUND_MIB = round(1.5e9 / 2**20, 1)  # 1.5 GB (decimal) = 1430.5 MiB
 PIXEL_SIZE_M = 10.0  # synthetic rasters: 10 m pixels, planar UTM
-SECTIONS = ("trivial", "unet", "driver_cpu", "start", "worldcover", "instances", "small_scenes")
+SECTIONS = ("trivial", "floor", "unet", "driver_cpu", "start", "worldcover", "instances", "small_scenes")
 # The last commit before incremental runs and per-tile model squares: "before" of small_scenes.
 SMALL_SCENES_BEFORE = "2a64f10"
 KEPT = (*SECTIONS, "gpu")  # sections of results.json kept when not re-run (others are superseded: dropped)
@@ -183,8 +186,10 @@ def three_heads_config() -> dict[str, Any]:
 
 def pipeline(rasters: list[Path], config: dict[str, Any], tag: str, num_cpus: int | None = None,
              monitor: bool = True, timeout: int = 1500, extra: list[str] | None = None,
-             repo: Path = REPO) -> dict[str, Any]:
-    """One ``geoseg.pipeline.run`` in a child process (``bench/child_pipeline.py`` of ``repo``)."""
+             repo: Path = REPO, ray_up: bool = False) -> dict[str, Any]:
+    """One ``geoseg.pipeline.run`` in a child process (``bench/child_pipeline.py`` of ``repo``);
+    ``ray_up``: the child starts the local Ray before the timed ``run`` (as on a cluster, or a
+    notebook's Ray), else ``run`` starts it (as ``geoseg run`` on a laptop)."""
     out_dir = SCRATCH / f"out-{tag}"
     shutil.rmtree(out_dir, ignore_errors=True)
     cfg = SCRATCH / f"config-{tag}.json"
@@ -194,6 +199,8 @@ def pipeline(rasters: list[Path], config: dict[str, Any], tag: str, num_cpus: in
         args += ["--input", str(r)]
     if num_cpus is not None:
         args += ["--num-cpus", str(num_cpus)]
+    if ray_up:
+        args += ["--ray-up"]
     args += extra or []
     load = _load()
     res = _child("bench.child_pipeline", args, monitor=monitor, timeout=timeout, repo=repo)
@@ -271,6 +278,45 @@ def bench_trivial(size: int) -> dict[str, Any]:
                            "raster": "synthetic 3-band uint8, deflate, 512 blocks, 10 m UTM (bench/rasters.py)"}}
 
 
+def bench_floor(trivial: dict[str, Any] | None) -> dict[str, Any]:
+    """Whole-job memory before the first tile (``bench/child_floor.py``), 2 CPUs as the trivial run."""
+    tile, halo, batch = 1024, 64, 4
+    configs = {"trivial": semantic_config(TRIVIAL, tile, halo, batch), "default": _default_config_dict()}
+    rest: dict[str, dict[str, Any]] = {}
+    for name, config in configs.items():
+        cfg = SCRATCH / f"config-floor-{name}.json"
+        cfg.write_text(json.dumps(config, indent=2))
+        log(f"floor: {name} config, processes started and ready, no tile")
+        rest[name] = _child("bench.child_floor", ["--config", str(cfg), "--base-dir", str(REPO), "--num-cpus", "2"])
+        cfg.unlink(missing_ok=True)
+
+    def whole(name: str, moment: str) -> Any:
+        return (_get(rest[name], moment) or {}).get("whole_job_peak_mib")
+
+    peak = _get((trivial or {}).get("run", {}), "whole_job_peak_mib") if trivial else None
+    log(f"floor: Ray alone {whole('trivial', 'ray')} MiB; ready: trivial {whole('trivial', 'ready')} MiB,"
+        f" default {whole('default', 'ready')} MiB")
+    checks = [
+        check("driver with geoseg imported, before Ray (RSS)",
+              (_get(rest["trivial"], "driver") or {}).get("driver_rss_mib"), "MiB"),
+        check("whole job, local Ray started, nothing of geoseg's in it (Ray's processes and idle workers)",
+              whole("trivial", "ray"), "MiB"),
+        check("whole job, every geoseg process ready, no tile sent: trivial model (as the trivial section)",
+              whole("trivial", "ready"), "MiB"),
+        check("whole job, every geoseg process ready, no tile sent: configs/default.yaml (three smp U-Nets)",
+              whole("default", "ready"), "MiB"),
+        check(f"share of the {BOUND_MIB} MiB bound taken before the first tile (trivial model)",
+              ratio(whole("trivial", "ready"), BOUND_MIB), ""),
+        check("what the pixels add: trivial section's whole-job peak - the ready figure (trivial model)",
+              round(peak - whole("trivial", "ready"), 1) if isinstance(peak, (int, float)) and
+              isinstance(whole("trivial", "ready"), (int, float)) else None, "MiB"),
+    ]
+    return {"title": "Memory before the first tile: the floor of the whole-job figure", "checks": checks,
+            "at_rest": rest, "parameters": {"ray_cpus": 2, "settle_s": 2.0, "trivial": TRIVIAL,
+                                            "default": str(DEFAULT_CONFIG.relative_to(REPO)),
+                                            "figure": "driver RSS + PSS of every Ray process, one sample"}}
+
+
 def bench_unet(size: int, batches: int) -> dict[str, Any]:
     tile, halo, batch, overlap = 512, 32, 4, 64
     raster = write_raster(SCRATCH / f"syn-{size}.tif", size, pixel_size=PIXEL_SIZE_M)
@@ -282,6 +328,8 @@ def bench_unet(size: int, batches: int) -> dict[str, Any]:
                                          "--batches", str(batches), "--save-state", str(state)])
     log(f"unet: pipeline, {size}^2")
     pipe = pipeline([raster], semantic_config(UNET_FILE, tile, halo, batch), f"unet-{size}")
+    log(f"unet: pipeline, {size}^2, Ray already up")
+    pipe_up = pipeline([raster], semantic_config(UNET_FILE, tile, halo, batch), f"unet-{size}-up", ray_up=True)
     log("unet: peer environment (geoai-py)")
     from bench.peer import ensure_peer_venv
 
@@ -305,12 +353,23 @@ def bench_unet(size: int, batches: int) -> dict[str, Any]:
     geoai_s, geoseg_s = _get(peer, "call_s"), _get(pipe, "wall_s")
     same_weights = (None if "error" in alone or "error" in peer
                     else alone.get("weights_digest") == peer.get("weights_digest"))
+    budget = cpu_budget(pipe, alone, threads)
     checks = [
         check(f"U-Net alone, {threads} threads (all cores), forward + argmax, median batch, fastest layout and call size", alone_mpx, "Mpx/s"),
         check("pipeline, end to end (core Mpx / run() wall)", e2e, "Mpx/s"),
         check("pipeline, steady", steady, "Mpx/s"),
         check("pipeline / model alone, end to end", ratio(e2e, alone_mpx), "", ">= 0.65"),
         check("pipeline / model alone, steady", ratio(steady, alone_mpx), ""),
+        check("pipeline / model alone, end to end, Ray already up (started before run(), as on a cluster)",
+              ratio(_get(pipe_up, "mpx_per_s_end_to_end"), alone_mpx), ""),
+        check("job CPU: every process of the run, driver included", budget.get("job_cpu_s"), "core-s"),
+        check("of which the model actor", budget.get("model_actor_cpu_s"), "core-s"),
+        check(f"model alone for the same tiles (median batch wall x batches x {threads} threads)",
+              budget.get("model_alone_cpu_s"), "core-s"),
+        check(f"shortest wall that job CPU allows on {threads} cores (job CPU / cores)",
+              budget.get("wall_floor_s"), "s"),
+        check("highest end-to-end ratio that job CPU allows (model-alone wall / that floor)",
+              budget.get("ratio_ceiling"), ""),
         check("geoseg run() wall", geoseg_s, "s"),
         check(f"geoai-py {env.get('geoai_version', '?')} predict_geotiff wall (the call)", geoai_s, "s"),
         check("geoseg / geoai speed (geoai call s / geoseg run() s)", ratio(geoai_s, geoseg_s), "x"),
@@ -319,14 +378,32 @@ def bench_unet(size: int, batches: int) -> dict[str, Any]:
         check("same weights in the model-alone and the peer run (state_dict digest)", same_weights, "", "yes"),
     ]
     return {"title": "U-Net ResNet-18: pipeline vs the model alone vs geoai-py", "checks": checks,
-            "model_alone": alone, "pipeline": pipe, "peer": peer, "peer_env": env,
+            "model_alone": alone, "pipeline": pipe, "pipeline_ray_up": pipe_up, "cpu_budget": budget,
+            "peer": peer, "peer_env": env,
             "parameters": {"size": size, "tile_size": tile, "halo": halo, "batch_size": batch,
                            "padded_side": alone.get("padded_side"), "model_alone_threads": threads,
                            "model": "smp.Unet('resnet18', encoder_weights=None, in_channels=3, classes=5), seed 0",
-                           "pipeline_ray_cpus": "all (run() starts Ray)", "device": "cpu",
+                           "pipeline_ray_cpus": "all (run() starts Ray; the Ray-up run starts it first)",
+                           "device": "cpu",
                            "peer": f"geoai-py predict_geotiff, tile {tile}, overlap {overlap}, batch {batch}, "
                                    "spline blending (default), argmax postprocess, uint8 out",
                            "peer_call": peer.get("call")}}
+
+
+def cpu_budget(pipe: dict[str, Any], alone: dict[str, Any], threads: int) -> dict[str, Any]:
+    """The run's CPU seconds (every process, from the monitor, plus the driver's own) against the
+    model's: on a machine whose cores are all busy, wall >= job CPU / cores whatever the overlap."""
+    by_process = _get(pipe, "cpu_s_by_process") or {}
+    tiles, batch_s, batch = _get(pipe, "tiles"), _get(alone, "median_batch_s"), _get(alone, "batch_size")
+    if not by_process or not all(isinstance(v, (int, float)) for v in (tiles, batch_s, batch)):
+        return {}
+    job = sum(by_process.values()) + (_get(pipe, "driver_cpu_s") or 0.0)
+    alone_wall = tiles / batch * batch_s
+    floor = job / threads
+    return {"job_cpu_s": round(job, 1),
+            "model_actor_cpu_s": round(sum(v for k, v in by_process.items() if "PredictorWorker" in k), 1),
+            "model_alone_wall_s": round(alone_wall, 2), "model_alone_cpu_s": round(alone_wall * threads, 1),
+            "wall_floor_s": round(floor, 1), "ratio_ceiling": round(alone_wall / floor, 3)}
 
 
 def bench_driver_cpu(sizes: list[int]) -> dict[str, Any]:
@@ -630,6 +707,7 @@ def main() -> None:
     q = args.quick
     plans: dict[str, Callable[[], dict[str, Any]]] = {
         "trivial": lambda: bench_trivial(2048 if q else 8192),
+        "floor": lambda: bench_floor(results.get("trivial")),
         "unet": lambda: bench_unet(1024 if q else 4096, 2 if q else 5),
         "driver_cpu": lambda: bench_driver_cpu([1024, 2048] if q else [2048, 4096]),
         "start": bench_start,
