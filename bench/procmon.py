@@ -213,9 +213,9 @@ class Monitor:
             # A process that has just exited reads as 0 s and no name: keep its last real figures.
             name, cpu = _short(cmd), cpu_seconds(p)
             before = self.cpu_by_process.get(p)
-            if before is not None and cpu < before[1]:
-                name, cpu = before
-            self.cpu_by_process[p] = (name if name != "?" or before is None else before[0], cpu)
+            if before is not None and (cpu < before[1] or name == "?"):
+                name, cpu = before[0], max(cpu, before[1])
+            self.cpu_by_process[p] = (name, cpu)
             if kind == "workers":
                 workers_rss += rss_kb(p)
         ray_pss = sum(split.values())
