@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import rasterio
 import torch
 
 from geoseg.config import ModelConfig
@@ -30,7 +29,7 @@ from geoseg.evaluate import IGNORE, confusion, match_instances, semantic_scores
 from geoseg.grid import padded_size, plan_tiles
 
 from geoseg.train_config import TrainConfig
-from geoseg.train_data import Scene, fit_normalize, holdout_rows, load_scene, make_chips
+from geoseg.train_data import Scene, _open, fit_normalize, holdout_rows, load_scene, make_chips
 
 log = logging.getLogger("geoseg.train")
 
@@ -97,7 +96,7 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=loop_cfg["lr"], weight_decay=loop_cfg["weight_decay"])
     steps = loop_cfg["steps"]
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=loop_cfg["lr"], total_steps=steps, pct_start=0.15)
-    x_all = torch.from_numpy(chips["x"].astype(np.float32))
+    x_all = torch.from_numpy(chips["x"])  # raster dtype; a batch at a time becomes float32
     y_all, v_all = torch.from_numpy(chips["y"]), torch.from_numpy(chips["valid"])
     iv_all = torch.from_numpy(chips["image_valid"])
     cw = loop_cfg.get("class_weights")
@@ -105,6 +104,7 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
     weights = torch.from_numpy(chips["weights"]).double()
     gen = torch.Generator().manual_seed(loop_cfg["seed"] + ray.train.get_context().get_world_rank())
     bs = loop_cfg["batch_size"]
+    jitter = float(loop_cfg.get("color_jitter") or 0.0)
     model.train()
     losses: list[float] = []
     use_amp = device.type == "cuda"
@@ -112,7 +112,12 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
         idx = torch.multinomial(weights, bs, replacement=True, generator=gen)
         x, y, v, iv = _augment(x_all[idx], y_all[idx], v_all[idx], iv_all[idx], gen=gen)
         x, y, v, iv = x.to(device), y.to(device), v.to(device), iv.to(device)
-        x = mask_invalid(_normalize(x, spec), iv)
+        x = _normalize(x.float(), spec)
+        if jitter > 0:
+            b, c = x.shape[:2]
+            gain = 1 + jitter * torch.randn((b, c, 1, 1), generator=gen).to(device)
+            x = x * gain + jitter * torch.randn((b, c, 1, 1), generator=gen).to(device)
+        x = mask_invalid(x, iv)
         if use_amp:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
@@ -155,6 +160,7 @@ def _fit(cfg: TrainConfig, spec: ModelConfig, chips: dict[str, np.ndarray], stor
         "chips": ray.put(chips), "spec": spec.model_dump(), "arch": cfg.model.model_dump(), "steps": cfg.train.steps,
         "batch_size": cfg.train.batch_size, "lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay,
         "seed": cfg.train.seed, "threads": cfg.train.threads, "class_weights": class_weights,
+        "color_jitter": cfg.train.color_jitter,
     }
     trainer = TorchTrainer(
         train_loop,
@@ -195,6 +201,8 @@ def predict_region(model: torch.nn.Module, spec: ModelConfig, image: np.ndarray,
         if valid is not None:
             vwin = valid[int(tile.read.row_off): int(tile.read.row_off + tile.read.height),
                          int(tile.read.col_off): int(tile.read.col_off + tile.read.width)]
+            if not vwin.any():
+                continue  # no imagery: nothing to predict (the run writes nodata there)
             x = mask_invalid(x, torch.from_numpy(pad_to_square(vwin[None], tile, halo, side))) if not vwin.all() else x
         probs = predict_probs(model, x, spec, tta)[0].numpy()
         r0, c0 = int(tile.core.row_off), int(tile.core.col_off)
@@ -204,37 +212,47 @@ def predict_region(model: torch.nn.Module, spec: ModelConfig, image: np.ndarray,
 
 
 def evaluate(cfg: TrainConfig, spec: ModelConfig, model: torch.nn.Module, scenes: list[Scene]) -> dict[str, Any]:
-    """Held-out scores: pixel IoU per class (semantic) or object P/R/F1 at IoU 0.5 and body IoU (instance)."""
+    """Held-out scores, over all held-out places and per place (``places``): pixel IoU per class
+    (semantic) or object P/R/F1 at IoU ``eval_iou`` and body IoU (instance). Objects and pixels
+    count only where the image has data (its mask)."""
     from geoseg.decode import decode_instances
+    from geoseg.evaluate import prf
 
     model = model.eval()
     n = len(cfg.classes)
-    cm = np.zeros((n, n + 1), dtype=np.int64)
-    body_cm = np.zeros((2, 3), dtype=np.int64)
-    tp = n_pred = n_truth = 0
-    pixels = 0
+    acc: dict[str, dict[str, Any]] = {}
     for s in scenes:
         if s.spec.split == "train":
             continue
+        a = acc.setdefault(s.place, {"cm": np.zeros((n, n + 1), np.int64), "body": np.zeros((2, 3), np.int64),
+                                     "tp": 0, "pred": 0, "truth": 0, "pixels": 0, "scenes": 0})
         rows = holdout_rows(s)
         image, target, valid = s.image[:, rows], s.target[rows], s.valid[rows]
-        pixels += int(valid.sum())
+        a["pixels"] += int(valid.sum())
+        a["scenes"] += 1
         probs = predict_region(model, spec, image, cfg.eval_tile_size, cfg.eval_halo, valid=valid)
         if cfg.task == "semantic":
-            cm += confusion(probs.argmax(0), target, n, valid)
+            a["cm"] += confusion(probs.argmax(0), target, n, valid)
         else:
-            body_cm += confusion((probs[0] > spec.threshold).astype(np.uint8), (target > 0).astype(np.uint8), 2, valid)
+            a["body"] += confusion((probs[0] > spec.threshold).astype(np.uint8), (target > 0).astype(np.uint8), 2, valid)
             labels = decode_instances((probs * 255).round().astype(np.uint8), valid, spec)
             truth = np.where(valid, target, 0)
-            m = match_instances(labels, truth)
-            tp, n_pred, n_truth = tp + m["matched"], n_pred + m["predicted"], n_truth + m["truth"]
-    if cfg.task == "semantic":
-        return {"split": "held-out", "pixels": pixels, **semantic_scores(cm, cfg.classes)}
-    from geoseg.evaluate import prf
+            m = match_instances(labels, truth, cfg.eval_iou)
+            a["tp"], a["pred"], a["truth"] = a["tp"] + m["matched"], a["pred"] + m["predicted"], a["truth"] + m["truth"]
 
-    body = semantic_scores(body_cm, ["background", cfg.classes[0]])
-    return {"split": "held-out", "pixels": pixels, "objects": prf(tp, n_pred, n_truth),
-            "body_iou": body["iou"][cfg.classes[0]]}
+    def scores(a: dict[str, Any]) -> dict[str, Any]:
+        if cfg.task == "semantic":
+            return {"pixels": a["pixels"], **semantic_scores(a["cm"], cfg.classes)}
+        body = semantic_scores(a["body"], ["background", cfg.classes[0]])
+        return {"pixels": a["pixels"], "objects": prf(a["tp"], a["pred"], a["truth"], cfg.eval_iou),
+                "body_iou": body["iou"][cfg.classes[0]]}
+
+    total = {"cm": sum(a["cm"] for a in acc.values()), "body": sum(a["body"] for a in acc.values()),
+             **{k: sum(a[k] for a in acc.values()) for k in ("tp", "pred", "truth", "pixels")}}
+    out = {"split": "held-out", **scores(total)}
+    if len(acc) > 1 or any(s.spec.place for s in scenes if s.spec.split != "train"):
+        out["places"] = {place: {"scenes": a["scenes"], **scores(a)} for place, a in sorted(acc.items())}
+    return out
 
 
 # ------------------------------------------------------------------------------------ model dir
@@ -244,7 +262,7 @@ def _contract(cfg: TrainConfig, spec: ModelConfig, scenes: list[Scene], dtype: s
     from geoseg.contract import scene_gsd_m
 
     first = scenes[0]
-    gsd = cfg.gsd_m
+    gsd = cfg.gsd_m if cfg.gsd_m is not None else cfg.resample_m
     if gsd is None:
         h, w = first.valid.shape
         gsd = float(f"{scene_gsd_m(first.crs.to_wkt(), first.transform, w, h):.3g}")
@@ -271,7 +289,7 @@ def trained_on(cfg: TrainConfig, scenes: list[Scene]) -> dict[str, str]:
             return True
         images = [scene.spec.image] if isinstance(scene.spec.image, str) else list(scene.spec.image or [])
         for image in images:
-            with rasterio.open(resolve(image, cfg.base_dir)) as ds:
+            with _open(resolve(image, cfg.base_dir)) as ds:
                 if not is_synthetic(ds.tags()):
                     return False
         return bool(images)
@@ -289,7 +307,7 @@ def _source_count(cfg: TrainConfig, scene: Scene) -> int | None:
     images = [scene.spec.image] if isinstance(scene.spec.image, str) else list(scene.spec.image or [])
     if len(images) != 1:
         return None  # stacked from several files: the run reads a stack (VRT) built the same way
-    with rasterio.open(resolve(images[0], cfg.base_dir)) as ds:
+    with _open(resolve(images[0], cfg.base_dir)) as ds:
         return int(ds.count)
 
 
@@ -362,16 +380,24 @@ def train(cfg: TrainConfig, evaluate_only: bool = False, address: str | None = N
 
 
 def summary_lines(contract: dict[str, Any]) -> list[str]:
-    """Human lines for the held-out metrics of a contract."""
+    """Human lines for the held-out metrics of a contract: all held-out places, then each place."""
     m = contract.get("metrics") or {}
-    if "iou" in m:
-        per = ", ".join(f"{c} {v:.3f}" if v is not None else f"{c} -" for c, v in m["iou"].items())
-        return [f"held-out mean IoU {m['mean_iou']}, pixel accuracy {m['pixel_accuracy']} ({per})"]
-    if "objects" in m:
+
+    def line(m: dict[str, Any]) -> str:
+        if "iou" in m:
+            per = ", ".join(f"{c} {v:.3f}" if v is not None else f"{c} -" for c, v in m["iou"].items())
+            return f"mean IoU {m['mean_iou']}, pixel accuracy {m['pixel_accuracy']} ({per})"
         o = m["objects"]
-        return [f"held-out objects: {o['predicted']} predicted / {o['truth']} true, precision {o['precision']:.3f}, "
-                f"recall {o['recall']:.3f}, F1 {o['f1']:.3f} at IoU 0.5; body IoU {m['body_iou']}"]
-    return []
+        return (f"objects: {o['predicted']} predicted / {o['truth']} true, precision {o['precision']:.3f}, "
+                f"recall {o['recall']:.3f}, F1 {o['f1']:.3f} at IoU {o.get('iou_threshold', 0.5)}; "
+                f"body IoU {m['body_iou']}")
+
+    if "iou" not in m and "objects" not in m:
+        return []
+    lines = [f"held-out {line(m)}"]
+    for place, pm in (m.get("places") or {}).items():
+        lines.append(f"  {place}: {line(pm)}")
+    return lines
 
 
 __all__ = ["train", "evaluate", "predict_region", "write_model_dir", "load_trained", "summary_lines"]

@@ -11,8 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import warnings
+
 import numpy as np
 import rasterio
+from affine import Affine
 from rasterio.features import rasterize
 from scipy import ndimage
 
@@ -37,19 +40,62 @@ class Scene:
     transform: Any
     crs: Any
     spec: SceneSpec
+    place: str = ""
 
 
-def _read_image(paths: list[Path], bands: list[int]) -> tuple[np.ndarray, np.ndarray, Any, Any, str]:
+def _open(path: Path) -> Any:
+    with warnings.catch_warnings():  # a JPEG or PNG without a georeference is fine with pixel_size_m
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        return rasterio.open(path)
+
+
+def _pixel_size(ds: Any, spec: SceneSpec | None) -> float | None:
+    """Ground pixel size (m) of a raster: the scene's ``pixel_size_m``, else from its georeference."""
+    if spec is not None and spec.pixel_size_m is not None:
+        return spec.pixel_size_m
+    if ds.crs is None:
+        return None
+    from geoseg.contract import scene_gsd_m
+
+    return scene_gsd_m(ds.crs.to_wkt(), ds.transform, ds.width, ds.height)
+
+
+def _resampled_shape(ds: Any, spec: SceneSpec | None, resample_m: float | None) -> tuple[int, int] | None:
+    """``(height, width)`` at ``resample_m`` metres per pixel, or None to read the raster as it is."""
+    if resample_m is None:
+        return None
+    gsd = _pixel_size(ds, spec)
+    if gsd is None:
+        raise InputError(ds.name, "no georeference: set the scene's pixel_size_m to resample it")
+    factor = gsd / resample_m
+    if abs(factor - 1) < 0.01:
+        return None
+    return max(1, int(round(ds.height * factor))), max(1, int(round(ds.width * factor)))
+
+
+def _read_image(paths: list[Path], bands: list[int], spec: SceneSpec | None = None,
+                resample_m: float | None = None) -> tuple[np.ndarray, np.ndarray, Any, Any, str]:
+    """Bands, validity, transform and CRS of a scene (one file or one file per band), resampled to
+    ``resample_m`` (average of the source pixels; validity by nearest neighbour) when given."""
+    from rasterio.enums import Resampling
+
     arrays, masks = [], []
     transform = crs = None
     for p in paths:
         try:
-            with rasterio.open(p) as ds:
-                arrays.append(ds.read())
-                masks.append(ds.read_masks() > 0)
+            with _open(p) as ds:
+                out = _resampled_shape(ds, spec, resample_m)
+                if out is None:
+                    arrays.append(ds.read())
+                    masks.append(ds.read_masks() > 0)
+                    tr = ds.transform
+                else:
+                    arrays.append(ds.read(out_shape=(ds.count, *out), resampling=Resampling.average))
+                    masks.append(ds.read_masks(out_shape=(ds.count, *out), resampling=Resampling.nearest) > 0)
+                    tr = ds.transform * Affine.scale(ds.width / out[1], ds.height / out[0])
                 if transform is None:
-                    transform, crs, shape = ds.transform, ds.crs, ds.shape
-                elif ds.shape != shape:
+                    transform, crs, shape = tr, ds.crs, arrays[-1].shape[1:]
+                elif arrays[-1].shape[1:] != shape:
                     raise InputError(str(p), f"{ds.shape} pixels, the first file of this scene has {shape}")
         except rasterio.errors.RasterioIOError as exc:
             raise InputError(str(p), f"not a readable raster ({str(exc).splitlines()[0]})") from None
@@ -109,14 +155,41 @@ def _coco_ids(path: Path, shape: tuple[int, int]) -> np.ndarray:
     return ids
 
 
+def _color_labels(cfg: TrainConfig, spec: SceneSpec, labels: Path, shape: tuple[int, int]) -> np.ndarray:
+    """Class indices from a colour-coded label image (``label_colors``: hex -> class; other colours ignored)."""
+    from PIL import Image
+
+    from geoseg.styles import hex_rgb
+
+    with Image.open(labels) as im:
+        rgb = np.asarray(im.convert("RGB"))
+    if rgb.shape[:2] != tuple(shape):
+        if cfg.resample_m is None:
+            raise InputError(str(labels), f"label image is {rgb.shape[:2]}, the image {shape}; put them on one grid")
+        with Image.open(labels) as im:  # nearest neighbour keeps the colours exact
+            rgb = np.asarray(im.convert("RGB").resize((shape[1], shape[0]), Image.NEAREST))
+    code = (rgb[..., 0].astype(np.int32) << 16) | (rgb[..., 1].astype(np.int32) << 8) | rgb[..., 2]
+    out = np.full(shape, IGNORE, dtype=np.uint8)
+    for color, name in (spec.label_colors or {}).items():
+        if name not in cfg.classes:
+            raise ConfigError(str(labels), "label_colors", f"'{name}' is not one of {cfg.classes}")
+        r, g, b = hex_rgb(color)
+        out[code == ((r << 16) | (g << 8) | b)] = cfg.classes.index(name)
+    return out
+
+
 def _target(cfg: TrainConfig, spec: SceneSpec, labels: Path, shape: tuple[int, int], transform: Any,
             crs: Any) -> np.ndarray:
     suffix = labels.suffix.lower()
+    if spec.label_colors is not None:
+        return _color_labels(cfg, spec, labels, shape)
     if suffix in (".tif", ".tiff", ".vrt"):
         with rasterio.open(labels) as ds:
-            if ds.shape != shape:
+            if ds.shape != shape and cfg.resample_m is None:
                 raise InputError(str(labels), f"label raster is {ds.shape}, the image {shape}; put them on one grid")
-            raw = ds.read(1)
+            from rasterio.enums import Resampling
+
+            raw = ds.read(1, out_shape=shape, resampling=Resampling.nearest)
             nodata = ds.nodata
         if cfg.task != "semantic":
             return raw.astype(np.int32)  # an instance id raster
@@ -128,6 +201,8 @@ def _target(cfg: TrainConfig, spec: SceneSpec, labels: Path, shape: tuple[int, i
             out[(raw == value) & (raw != nodata if nodata is not None else True)] = cfg.classes.index(name)
         return out
     if suffix == ".json" and "coco" in labels.name.lower():
+        if cfg.resample_m is not None:
+            raise ConfigError(str(labels), "resample_m", "COCO pixel masks are not resampled: drop resample_m")
         return _coco_ids(labels, shape)
     geoms, values = _read_polygons(labels, spec.layer, crs, spec.class_field if cfg.task == "semantic" else None)
     if cfg.task == "semantic":
@@ -163,10 +238,10 @@ def load_scene(cfg: TrainConfig, spec: SceneSpec, work_dir: Path, index: int) ->
     for p in (*paths, labels):
         if not p.exists():
             raise InputError(str(p), "no such file")
-    image, valid, transform, crs, _ = _read_image(paths, cfg.bands)
+    image, valid, transform, crs, _ = _read_image(paths, cfg.bands, spec, cfg.resample_m)
     target = _target(cfg, spec, labels, image.shape[1:], transform, crs)
     return Scene(name=f"{index}:{paths[0].name}", image=image, target=target, valid=valid, transform=transform,
-                 crs=crs, spec=spec)
+                 crs=crs, spec=spec, place=spec.place or paths[0].stem)
 
 
 def instance_targets(ids: np.ndarray, channels: list[str], contact_px: int = 2) -> np.ndarray:
@@ -252,19 +327,24 @@ def make_chips(cfg: TrainConfig, scenes: list[Scene]) -> dict[str, np.ndarray]:
         image, target, valid = s.image[:, rows], s.target[rows], s.valid[rows]
         if cfg.task == "instance":
             target = instance_targets(target, cfg.channels)
-        h, w = valid.shape
-        for tile in plan_tiles(w, h, min(cfg.chip_size, h, w), cfg.chip_halo):
-            win = (slice(int(tile.read.row_off), int(tile.read.row_off + tile.read.height)),
-                   slice(int(tile.read.col_off), int(tile.read.col_off + tile.read.width)))
-            v = iv = valid[win]
-            if cfg.task == "semantic":
-                v = v & (target[win] != IGNORE)
-            if not v.any():
+        # A second grid shifted by half a chip sees it as its own image (from the shift on).
+        for off in [0] if cfg.train.chip_grids == 1 else [0, cfg.chip_size // 2]:
+            img, tgt, val = image[:, off:, off:], target[..., off:, off:], valid[off:, off:]
+            h, w = val.shape
+            if min(h, w) < 1:
                 continue
-            xs.append(pad_to_square(image[(slice(None), *win)], tile, cfg.chip_halo, side))
-            ys.append(pad_to_square(target[(Ellipsis, *win)], tile, cfg.chip_halo, side))
-            vs.append(pad_to_square(v, tile, cfg.chip_halo, side, "constant"))
-            ivs.append(pad_to_square(iv, tile, cfg.chip_halo, side))  # as the predictor pads the image
+            for tile in plan_tiles(w, h, min(cfg.chip_size, h, w), cfg.chip_halo):
+                win = (slice(int(tile.read.row_off), int(tile.read.row_off + tile.read.height)),
+                       slice(int(tile.read.col_off), int(tile.read.col_off + tile.read.width)))
+                v = iv = val[win]
+                if cfg.task == "semantic":
+                    v = v & (tgt[win] != IGNORE)
+                if not v.any():
+                    continue
+                xs.append(pad_to_square(img[(slice(None), *win)], tile, cfg.chip_halo, side))
+                ys.append(pad_to_square(tgt[(Ellipsis, *win)], tile, cfg.chip_halo, side))
+                vs.append(pad_to_square(v, tile, cfg.chip_halo, side, "constant"))
+                ivs.append(pad_to_square(iv, tile, cfg.chip_halo, side))  # as the predictor pads the image
     if not xs:
         raise InputError(cfg.name, "no training chip holds a labelled pixel")
     x = np.stack(xs)
