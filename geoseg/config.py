@@ -24,10 +24,41 @@ class _Frozen(BaseModel):
 
 
 class TilingConfig(_Frozen):
-    """Where tiles are cut: ``tile_size`` core pixels are written per tile, ``halo`` pixels of context each side."""
+    """Where tiles are cut and what the models see.
+
+    A tile is the unit of work: its ``tile_size`` core pixels are written, and objects are decoded
+    over the core plus ``halo`` pixels each side (which joins them across seams). With
+    ``blend: hann`` (the default) every head runs on ``window``-pixel windows laid on one grid over
+    the whole scene, neighbours sharing ``overlap`` pixels, and their probabilities are averaged
+    with weights that fade over the overlap (``geoseg.windows``): no tile or window edge shows in
+    the output, and a tile's result does not depend on the tiling. ``window`` and ``overlap`` are
+    in the model's pixels. ``blend: none`` runs each tile as one window of its core plus halo and
+    keeps the core (cheaper, with seams for networks that use the whole window's context).
+    ``resample``: a raster whose pixel size is off the model's (``input.gsd_m``) by more than 1.25x
+    is read resampled to the model's pixels and its outputs written on the raster's own grid;
+    ``max_resample`` bounds the factor per axis either way.
+    """
 
     tile_size: int = Field(512, ge=16, le=8192)
     halo: int = Field(64, ge=0, le=1024)
+    blend: Literal["hann", "none"] = "hann"
+    window: int = Field(512, ge=32, le=4096)
+    overlap: int = Field(128, ge=0, le=2048)
+    resample: bool = True
+    max_resample: float = Field(16.0, ge=1.0)
+
+    @field_validator("window")
+    @classmethod
+    def _multiple_of_32(cls, value: int) -> int:
+        if value % 32:
+            raise ValueError(f"window must be a multiple of 32 (encoders downsample by 32), got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _overlap_fits(self) -> "TilingConfig":
+        if 2 * self.overlap > self.window:
+            raise ValueError(f"overlap {self.overlap} is more than half the window {self.window}")
+        return self
 
 
 class RuntimeConfig(_Frozen):
@@ -42,6 +73,8 @@ class RuntimeConfig(_Frozen):
     # Test-time augmentation for every head that does not set its own: 'flip' averages the
     # probabilities of the tile and its horizontal, vertical and double flips (4x the compute).
     tta: Literal["none", "flip"] = "none"
+    # Window outputs a model actor keeps for the next tiles (geoseg.blend): neighbours share windows.
+    window_cache_mb: int = Field(256, ge=0)
 
 
 VECTOR_FORMATS = ("gpkg", "parquet")
@@ -78,10 +111,15 @@ class ScaleNormalize(_Frozen):
 
 
 class MeanStdNormalize(_Frozen):
-    """Per-band ``(x - mean) / std`` with statistics of the training data, never of the tile."""
+    """Per-band ``(x * scale + offset - mean) / std`` with statistics of the training data, never of
+    the tile. ``scale`` and ``offset`` turn raw values into physical ones first, as STAC's
+    ``raster:bands`` (e.g. Sentinel-2 L2A: reflectance = DN * 0.0001 - 0.1 from processing baseline
+    04.00 on); mean and std are then in those units."""
 
     mean: list[float]
     std: list[float]
+    scale: float = 1.0
+    offset: float = 0.0
 
     @model_validator(mode="after")
     def _same_length(self) -> "MeanStdNormalize":
@@ -141,7 +179,7 @@ def _normalize_kind(value: Any) -> str | None:
             return "db"
         if "clip_low" in value or "clip_high" in value:
             return "clip"
-        if "scale" in value:
+        if "scale" in value and "mean" not in value:
             return "scale"
         return "meanstd"
     return None

@@ -134,12 +134,31 @@ def check_scene(info: Any, config: Any) -> None:
         if want.gsd_m is not None:
             if gsd is None:
                 gsd = scene_gsd_m(info.crs_wkt, info.transform, info.width, info.height)
-            ratio = gsd / want.gsd_m
-            if not math.isfinite(ratio) or ratio > want.gsd_tolerance or ratio < 1 / want.gsd_tolerance:
-                problems.append(f"was trained at {want.gsd_m:g} m per pixel, the raster has {gsd:.3g} m "
-                                f"(more than {want.gsd_tolerance:g}x off); resample it")
+            problems += _pixel_size_problems(name, want, gsd, config.tiling)
         if problems:
             raise InputError(info.path, f"does not fit model '{name}': " + "; ".join(problems))
+
+
+def _pixel_size_problems(name: str, want: Any, gsd: float, tiling: Any) -> list[str]:
+    """What is wrong with a raster's pixel size for a model trained at ``want.gsd_m``: with
+    resampling on, only a factor beyond ``tiling.max_resample`` (per axis); with it off (or
+    ``blend: none``, which runs tiles as they are), anything beyond ``want.gsd_tolerance``."""
+    ratio = gsd / want.gsd_m
+    trained = f"was trained at {want.gsd_m:g} m per pixel, the raster has {gsd:.3g} m"
+    if not math.isfinite(ratio) or ratio <= 0:
+        return [f"{trained}: no usable pixel size"]
+    if tiling.resample and tiling.blend != "none":
+        if max(ratio, 1 / ratio) <= tiling.max_resample:
+            return []
+        pixels = f"{max(ratio, 1 / ratio) ** 2:,.0f}"
+        what = (f"resampling would make {pixels} model pixels of each of its pixels" if ratio > 1 else
+                f"resampling would average {pixels} of its pixels into each model pixel")
+        return [f"{trained}: {what} (limit {tiling.max_resample:g}x per axis); resample the raster, or raise "
+                f"tiling.max_resample if that is what you want"]
+    if ratio > want.gsd_tolerance or ratio < 1 / want.gsd_tolerance:
+        how = "turn tiling.resample on" if tiling.blend != "none" else "use tiling.blend: hann, which resamples"
+        return [f"{trained} (more than {want.gsd_tolerance:g}x off); resample it, or {how}"]
+    return []
 
 
 def imagery_warning(config: Any, scenes: list[Any]) -> tuple[str, str] | None:

@@ -16,7 +16,9 @@ from rasterio.windows import Window
 
 @dataclass(frozen=True, slots=True)
 class Tile:
-    """One unit of work: ``core`` pixels are written, ``read`` = core + halo (clipped to the raster)."""
+    """One unit of work: ``core`` pixels are written, ``read`` = core + halo (clipped to the raster)
+    is what its objects are decoded over, and ``context`` (when the models run on blended windows,
+    ``geoseg.windows``) the pixels those windows need: what is read from the raster."""
 
     scene: int
     index: int
@@ -24,6 +26,20 @@ class Tile:
     col: int
     core: Window
     read: Window
+    context: Window | None = None
+
+    @property
+    def source(self) -> Window:
+        """The window read from the raster: the context when there is one, else the read window."""
+        return self.context if self.context is not None else self.read
+
+    @property
+    def read_in_source(self) -> tuple[slice, slice]:
+        """Slices that crop the array read (``source``) to the read window."""
+        src = self.source
+        r0 = int(self.read.row_off - src.row_off)
+        c0 = int(self.read.col_off - src.col_off)
+        return slice(r0, r0 + int(self.read.height)), slice(c0, c0 + int(self.read.width))
 
     @property
     def core_in_read(self) -> tuple[slice, slice]:

@@ -18,9 +18,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from geoseg.blend import WindowCache, blend_batch
 from geoseg.config import ClipNormalize, Config, DbNormalize, MeanStdNormalize, ModelConfig, ScaleNormalize
 from geoseg.grid import Tile, pad_to_square, padded_size, read_offset
 from geoseg.models import build_model, check_model
+from geoseg.windows import BlendPlan
 
 # torch has no arithmetic on these; widen on the host (still smaller than float32 for uint16).
 _WIDEN = {np.dtype("uint16"): np.int32, np.dtype("uint32"): np.int64, np.dtype("int8"): np.int16}
@@ -44,6 +46,8 @@ def _normalize(x: torch.Tensor, spec: ModelConfig) -> torch.Tensor:
     if isinstance(norm, ScaleNormalize):
         return x / norm.scale
     if isinstance(norm, MeanStdNormalize):
+        if norm.scale != 1.0 or norm.offset != 0.0:
+            x = x * norm.scale + norm.offset
         return (x - _per_band(norm.mean, x)) / _per_band(norm.std, x)
     if isinstance(norm, ClipNormalize):
         low, high = _per_band(norm.clip_low, x), _per_band(norm.clip_high, x)
@@ -90,6 +94,12 @@ def predict_probs(model: torch.nn.Module, x: torch.Tensor, spec: ModelConfig, tt
     return total / len(flips)
 
 
+def _read_valid(payload: dict[str, Any]) -> np.ndarray | None:
+    """The payload's validity over the tile's read window (it was read over the context)."""
+    valid = payload.get("valid")
+    return valid if valid is None else valid[payload["tile"].read_in_source]
+
+
 class Predictor:
     """Callable over a list of tile payloads; returns, per tile, what each head produced.
 
@@ -107,6 +117,7 @@ class Predictor:
         positions = {b: i for i, b in enumerate(config.bands_needed)}
         self.heads: dict[str, tuple[ModelConfig, torch.nn.Module, list[int]]] = {}
         self._pinned_buffers: dict[tuple[Any, ...], torch.Tensor] = {}
+        self.cache = WindowCache(config.runtime.window_cache_mb * 2**20)
         for name, spec in config.models.items():
             model = build_model(name, spec, config.base_dir)
             check_model(name, spec, model)  # fails at start-up, naming the model, before any tile is read
@@ -124,17 +135,26 @@ class Predictor:
             buf = self._pinned_buffers[key] = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
         return buf.copy_(x)
 
-    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.device.type != "cuda":
             return contextlib.nullcontext()
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.autocast("cuda", dtype=dtype)
 
-    def __call__(self, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Run every head over the tiles that have pixels; pass errors and empty tiles through."""
+    def __call__(self, batch: list[dict[str, Any]], plan: BlendPlan | None = None) -> list[dict[str, Any]]:
+        """Run every head over the tiles that have pixels; pass errors and empty tiles through.
+        With a scene's ``plan`` the heads run on its blended windows (``geoseg.blend``), else each
+        tile runs as one window of its read window."""
         out: list[dict[str, Any]] = [
-            {"tile": p["tile"], "status": p["status"], "error": p.get("error"), "valid": p.get("valid")} for p in batch
+            {"tile": p["tile"], "status": p["status"], "error": p.get("error"), "valid": _read_valid(p)} for p in batch
         ]
+        if plan is not None:
+            idx = [i for i, p in enumerate(batch) if p["status"] == "ok"]
+            if idx:
+                with torch.inference_mode():
+                    for i, heads in zip(idx, blend_batch(self, [batch[i] for i in idx], plan)):
+                        out[i]["heads"] = heads
+            return out
         groups: dict[tuple[str, int, int], list[int]] = {}
         for i, p in enumerate(batch):
             if p["status"] == "ok":
@@ -192,7 +212,7 @@ class Predictor:
     def _head_output(self, spec: ModelConfig, model: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
         """uint8 out of the device: class per core pixel (semantic), or p * 255 per channel."""
         tta = spec.tta or self.config.runtime.tta
-        with self._autocast():
+        with self.autocast():
             if spec.task == "semantic" and tta == "none":
                 probs = model(x)  # argmax of logits = argmax of softmax: skip the softmax
             else:

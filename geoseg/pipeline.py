@@ -241,11 +241,14 @@ def run_csv(report: RunReport) -> str:
     """``summary.csv``: a row per input x model x class, and a row per failed input."""
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["input", "status", "model", "task", "class", "count", "pixels", "area_m2", "error"])
+    w.writerow(["input", "status", "model", "task", "class", "count", "pixels", "area_m2", "cloud_cover",
+                "cloud_shadow_cover", "error"])
     for s in report.summaries:
+        cover = ["" if s.get(k) is None else s[k] for k in ("cloud_cover", "cloud_shadow_cover")]
         for model, m in s["models"].items():
             for cls, v in m["classes"].items():
-                w.writerow([s["input"], "ok", model, m["task"], cls, v.get("count", ""), v["pixels"], v["area_m2"], ""])
+                w.writerow([s["input"], "ok", model, m["task"], cls, v.get("count", ""), v["pixels"], v["area_m2"],
+                            *cover, ""])
     for inp, err in report.failures:
-        w.writerow([inp, "failed", "", "", "", "", "", "", err])
+        w.writerow([inp, "failed", "", "", "", "", "", "", "", "", err])
     return buf.getvalue()

@@ -98,15 +98,15 @@ def acquisition_time(ds: Any) -> str | None:
 
 
 def read_tile(path: str, tile: Tile, bands: list[int]) -> dict[str, Any]:
-    """Read ``bands`` over the tile's read window.
+    """Read ``bands`` over the tile's ``source`` window (its context, else its read window).
 
     Returns ``{"image": (C, h, w) raster dtype, "valid": (h, w) bool}``; ``valid`` is False where
     any read band is masked.
     """
     try:
         with rasterio.open(gdal_path(path)) as ds:
-            image = ds.read(bands, window=tile.read)
-            masks = ds.read_masks(bands, window=tile.read)
+            image = ds.read(bands, window=tile.source)
+            masks = ds.read_masks(bands, window=tile.source)
     except RasterioIOError as exc:
         raise InputError(path, f"read failed in window {_window_str(tile)}, the file may be damaged or truncated "
                                f"({_short(exc)})") from None
@@ -114,7 +114,7 @@ def read_tile(path: str, tile: Tile, bands: list[int]) -> dict[str, Any]:
 
 
 def _window_str(tile: Tile) -> str:
-    w = tile.read
+    w = tile.source
     return f"col {int(w.col_off)}, row {int(w.row_off)}, {int(w.width)}x{int(w.height)}"
 
 

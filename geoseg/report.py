@@ -228,6 +228,10 @@ def _card(index: int, s: dict[str, Any], colors: dict[str, dict[str, str]]) -> s
     meta = (f'{_e(s.get("input"))}<br>{width} × {height} px &middot; {_e(s.get("crs", ""))} &middot; '
             f'{_e(s.get("tiles", "-"))} tiles &middot; {_e(s.get("seconds", "-"))} s '
             f'<span class="tag {cls_name}">{_e(origin)}</span>')
+    if s.get("cloud_cover") is not None:
+        shadow = s.get("cloud_shadow_cover")
+        meta += (f'<br>cloud cover {float(s["cloud_cover"]):.1f} %'
+                 + ("" if shadow is None else f', cloud shadow {float(shadow):.1f} %') + " of valid pixels")
     for warning in s.get("warnings") or []:
         meta += f'<br><span class="warn">{_e(warning)}</span>'
     quicklook = s.get("quicklook")

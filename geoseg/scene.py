@@ -147,6 +147,7 @@ class SceneJob:
             "published_unix": round(time.time(), 3),
             "warnings": list(self.info.warnings),  # e.g. models trained on other imagery (geoseg.contract)
             "models": models,
+            **cloud_cover(models, self.valid_pixels),
             **quicklook,
         }
         write_styles(self.gpkg, self.config, {name: mask.path for name, mask in self.masks.items()},
@@ -158,7 +159,8 @@ class SceneJob:
         drop_checkpoint(self.tmp_dir)
         write_json(self.tmp_dir / "summary.json", summary)
         # Last before publishing: the STAC Item lists the files of known kinds in the folder now.
-        write_scene_item(self.tmp_dir, self.info, self.config, self.store, self.stamp)
+        write_scene_item(self.tmp_dir, self.info, self.config, self.store, self.stamp,
+                         cloud_cover=summary.get("cloud_cover"), shadow_cover=summary.get("cloud_shadow_cover"))
         self.store.publish(self.tmp_dir, self.info.folder)
         return summary
 
@@ -188,3 +190,22 @@ def _bounds(info: SceneInfo) -> tuple[float, float, float, float]:
     xs = (t.c, t.c + t.a * info.width)
     ys = (t.f, t.f + t.e * info.height)
     return min(xs), min(ys), max(xs), max(ys)
+
+
+CLOUD_CLASSES = ("cloud", "clouds")
+SHADOW_CLASSES = ("cloud_shadow", "shadow", "cloud_shadows")
+
+
+def cloud_cover(models: dict[str, Any], valid_pixels: int) -> dict[str, Any]:
+    """Cloud and cloud-shadow cover in % of the valid pixels, from the first semantic model with a
+    class named cloud: ``{"cloud_cover", "cloud_shadow_cover" (None without a shadow class),
+    "cloud_model"}``; empty when no model has such a class."""
+    for name, m in models.items():
+        classes = m["classes"] if m["task"] == "semantic" else {}
+        cloud = next((c for c in CLOUD_CLASSES if c in classes), None)
+        if cloud is None:
+            continue
+        shadow = next((c for c in SHADOW_CLASSES if c in classes), None)
+        pct = lambda cls: round(100.0 * classes[cls]["pixels"] / valid_pixels, 3) if valid_pixels else 0.0  # noqa: E731
+        return {"cloud_cover": pct(cloud), "cloud_shadow_cover": pct(shadow) if shadow else None, "cloud_model": name}
+    return {}

@@ -5,6 +5,7 @@ The driver's part of ``geoseg.pipeline``; it passes object refs and receives sma
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
 import logging
 import time
@@ -22,6 +23,7 @@ from geoseg.ray_errors import actor_hex, death_detail, one_line_error, plain_lin
 from geoseg.read import SceneInfo
 from geoseg.storage import OutputStore
 from geoseg.units import GroundScale, ground_scale
+from geoseg.windows import BlendPlan, blend_plan
 from geoseg.workers import TileAck, postprocess_batch, read_batch
 
 if TYPE_CHECKING:
@@ -45,8 +47,9 @@ class _Scene:
     """The driver's view of one scene: its tiles still to send, counters, its writer and error.
     A scene whose writer died starts again from its first tile (a new ``attempt``)."""
 
-    def __init__(self, index: int, info: SceneInfo, config: Config) -> None:
-        self.index, self.info = index, info
+    def __init__(self, index: int, info: SceneInfo, config: Config, run_id: str = "") -> None:
+        self.index, self.info, self.run_id = index, info, run_id
+        self.config = config
         self.tile_size, self.halo = config.tiling.tile_size, config.tiling.halo
         self.grid_shape = tile_grid_shape(info.width, info.height, self.tile_size)
         self.n_tiles = self.grid_shape[0] * self.grid_shape[1]
@@ -60,8 +63,14 @@ class _Scene:
     def reset(self) -> None:
         """(Re)start from the first tile, on no writer yet."""
         self.attempt += 1
-        self.tiles: Iterator[Tile] = plan_tiles(self.info.width, self.info.height, self.tile_size, self.halo,
-                                                scene=self.index)
+        # The scene's window grids (None: each tile is one window); the key names its windows in
+        # the model actors' caches, for this attempt only.
+        self.blend: BlendPlan | None = blend_plan(self.config, self.info, f"{self.run_id}/{self.index}/{self.attempt}")
+        self.blend_ref: Any = None  # put in the object store when the scene opens
+        tiles = plan_tiles(self.info.width, self.info.height, self.tile_size, self.halo, scene=self.index)
+        plan = self.blend
+        self.tiles: Iterator[Tile] = (tiles if plan is None else
+                                      (dataclasses.replace(t, context=plan.context(t.read)) for t in tiles))
         self.writer: int | None = None  # index in the writer pool
         self.writer_actor: Any = None  # the writer itself (a replacement may take its index later)
         self.opened: Any = None  # ref of the writer's open(): later calls wait for it
@@ -125,7 +134,7 @@ class Scheduler:
         for w, a in enumerate(writers):
             self.roles[actor_hex(a)] = ("writer", w)
         self.dead: set[str] = set()  # actor ids whose death was dealt with
-        self.scenes = [_Scene(i, info, config) for i, info in enumerate(scenes)]
+        self.scenes = [_Scene(i, info, config, report.run_id) for i, info in enumerate(scenes)]
         self.pending = list(reversed(self.scenes))  # pop() takes them in input order
         self.writer_load = [0] * len(self.writers)  # scenes open on each writer
         self.writer_uses = [0] * len(self.writers)  # scenes given to each writer: ties go round the pool
@@ -251,6 +260,7 @@ class Scheduler:
             # the whole scale, the post-processing tasks the recipe of their tiles' pixel areas.
             scene.scale = ground_scale(info.crs_wkt, info.transform, info.width, info.height)
             scene.pixel_areas = ray.put(scene.scale.pixel_areas)
+        scene.blend_ref = None if scene.blend is None else ray.put(scene.blend)
         resume = self._resumable(scene)
         scene.opened = scene.writer_actor.open.remote(scene.index, info, self.stamp, scene.scale, resume)
         return True
@@ -277,7 +287,7 @@ class Scheduler:
         slot.solo = b.solo
         b.slot, b.actor, b.writer = i, slot.actor, scene.writer_actor
         reads = self.read.remote(scene.info.path, b.tiles, self.config.bands_needed, self.env_ref)
-        preds = slot.actor.predict.remote(reads)
+        preds = slot.actor.predict.remote(reads, scene.blend_ref)
         results = self.post.remote(preds, self.config_ref, scene.pixel_areas, scene.grid_shape)
         ack = scene.writer_actor.add.remote(scene.index, results, scene.opened)
         self.acks[ack] = b

@@ -33,6 +33,7 @@ from typing import Any
 import pystac
 from pyproj import CRS
 from pystac.extensions.classification import Classification, ClassificationExtension
+from pystac.extensions.eo import EOExtension
 from pystac.extensions.projection import ProjectionExtension
 from pystac.extensions.raster import RasterBand, RasterExtension
 
@@ -219,8 +220,10 @@ def _assets(item: pystac.Item, folder: Path, stem: str, config: Config) -> dict[
 
 
 def scene_item(folder: Path, info: SceneInfo, config: Config, collection: str,
-               stamp: dict[str, str] | None = None, now: datetime | None = None) -> pystac.Item:
-    """The STAC Item of one scene whose files are in ``folder`` (its staging folder)."""
+               stamp: dict[str, str] | None = None, now: datetime | None = None,
+               cloud_cover: float | None = None, shadow_cover: float | None = None) -> pystac.Item:
+    """The STAC Item of one scene whose files are in ``folder`` (its staging folder); the cloud
+    cover geoseg measured (% of valid pixels) as ``eo:cloud_cover`` when a model has a cloud class."""
     now = now or datetime.now(timezone.utc)
     geometry, bbox = footprint(info)
     acquired = _parse_time(info.acquired)
@@ -234,6 +237,10 @@ def scene_item(folder: Path, info: SceneInfo, config: Config, collection: str,
         if (stamp or {}).get(key):
             item.properties[f"geoseg:{key}"] = stamp[key]  # type: ignore[index]
     item.stac_extensions.append(PROCESSING_EXTENSION)
+    if cloud_cover is not None:
+        EOExtension.ext(item, add_if_missing=True).cloud_cover = float(cloud_cover)
+        if shadow_cover is not None:
+            item.properties["geoseg:cloud_shadow_cover"] = float(shadow_cover)
     t, xs = info.transform, (info.transform.c, info.transform.c + info.transform.a * info.width)
     ys = (t.f, t.f + t.e * info.height)
     ProjectionExtension.ext(item, add_if_missing=True).apply(
@@ -249,14 +256,16 @@ def scene_item(folder: Path, info: SceneInfo, config: Config, collection: str,
 
 
 def write_scene_item(folder: Path, info: SceneInfo, config: Config, store: OutputStore,
-                     stamp: dict[str, str] | None = None) -> Path | None:
+                     stamp: dict[str, str] | None = None, cloud_cover: float | None = None,
+                     shadow_cover: float | None = None) -> Path | None:
     """Write the scene's Item into its staging folder ``folder``, after every other file it lists
     and before publishing; returns its path. Metadata does not fail a scene whose files are made:
     when the Item cannot be made (a CRS PROJ cannot take to EPSG:4326, say) the scene is published
     without it, which the log says, and the Collection leaves it out."""
     path = folder / item_filename(info.folder)
     try:
-        item = scene_item(folder, info, config, collection_id(store.location), stamp)
+        item = scene_item(folder, info, config, collection_id(store.location), stamp,
+                          cloud_cover=cloud_cover, shadow_cover=shadow_cover)
         write_json(path, item.to_dict(include_self_link=False, transform_hrefs=False))
     except OSError:
         raise  # disk full and the like: the writer reports it as it does for the other files

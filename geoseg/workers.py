@@ -21,6 +21,7 @@ from geoseg.storage import apply_storage_env
 if TYPE_CHECKING:
     from geoseg.postprocess import TileResult
     from geoseg.units import PixelAreas
+    from geoseg.windows import BlendPlan
 
 # Heavy libraries are imported where they are used: the driver imports this module only to name
 # the functions, and the model actor (torch) never needs GDAL, scipy or scikit-image.
@@ -59,7 +60,7 @@ def _read_one(path: str, tile: Tile, bands: list[int]) -> dict[str, Any]:
         return {"tile": tile, "status": "error", "error": str(exc)}
     except Exception as exc:  # GDAL can fail in many ways on a damaged file; keep it to this scene
         return {"tile": tile, "status": "error", "error": f"{path}: read failed in tile {tile.index} ({exc})"}
-    if not data["valid"].any():
+    if not data["valid"][tile.read_in_source].any():
         return {"tile": tile, "status": "empty"}
     return {"tile": tile, "status": "ok", **data}
 
@@ -122,5 +123,5 @@ class PredictorWorker:
             raise self.error
         return str(self.predictor.device)
 
-    def predict(self, payloads: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return self.predictor(payloads)
+    def predict(self, payloads: list[dict[str, Any]], plan: BlendPlan | None = None) -> list[dict[str, Any]]:
+        return self.predictor(payloads, plan)

@@ -72,7 +72,7 @@ def small_scene(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_flags_override_config(ray_session, small_scene, tmp_path):
-    cfg = probe_config(tmp_path, {"tile_size": 512, "halo": 64}, {"batch_size": 8})
+    cfg = probe_config(tmp_path, {"tile_size": 512, "halo": 64, "blend": "none"}, {"batch_size": 8})
     out = tmp_path / "out"
     args = ["-q", "run", str(small_scene), "--out", str(out), "--config", str(cfg),
             "--tile-size", "128", "--halo", "8", "--batch-size", "2"]
@@ -96,8 +96,24 @@ def test_flags_override_config(ray_session, small_scene, tmp_path):
     assert summary["config"] != _fingerprint(cfg)
 
 
+def test_window_flags_reach_the_model_actor(ray_session, small_scene, tmp_path):
+    """Blended windows (the default): the probe sees the window side, whatever the tile size; a
+    raster smaller than a window runs as one window just big enough (300 -> 320)."""
+    cfg = probe_config(tmp_path, {"tile_size": 128, "halo": 8}, {"batch_size": 2})
+    for flags, side in (([], 320), (["--window", "128", "--overlap", "32"], 128)):
+        out = tmp_path / f"out{side}"
+        result = CliRunner().invoke(cli, ["-q", "run", str(small_scene), "--out", str(out), "--config", str(cfg), *flags])
+        assert result.exit_code == 0, (result.output, result.exception)
+        with rasterio.open(out / "small" / "small_side.tif") as ds:
+            seen = ds.read(1)
+        assert set(np.unique(seen[seen != 255])) == {side // 32}
+    result = CliRunner().invoke(cli, ["-q", "run", str(small_scene), "--out", str(tmp_path / "bad"), "--config",
+                                      str(cfg), "--window", "100"])
+    assert str(result.exception) == "--window: window must be a multiple of 32 (encoders downsample by 32), got 100"
+
+
 def test_config_values_apply_without_flags(ray_session, small_scene, tmp_path):
-    cfg = probe_config(tmp_path, {"tile_size": 256, "halo": 16}, {"batch_size": 3})
+    cfg = probe_config(tmp_path, {"tile_size": 256, "halo": 16, "blend": "none"}, {"batch_size": 3})
     out = tmp_path / "out"
     even = tmp_path / "even.tif"  # 2 x 2 whole tiles: every tile runs in the configured square
     from geoseg.synth import write_scene

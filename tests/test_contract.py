@@ -78,7 +78,8 @@ def test_relative_weights_resolve_against_the_yaml_folder(tmp_path, model_dir):
     ({"dtype": "uint16"}, {}, "does not fit model 'landuse': expects uint8 pixels, the raster is uint16"),
     ({"count": 4}, {}, "was trained on 3-band rasters (red, green, blue), this one has 4 band(s); set models.landuse.bands"),
     ({"count": 1}, {"bands": [1, 1, 1], "input": {"count": 3}}, "was trained on 3-band rasters"),
-    ({"res": 10.0}, {}, "was trained at 1 m per pixel, the raster has 10 m"),
+    ({"res": 20.0}, {}, "was trained at 1 m per pixel, the raster has 20 m: resampling would make 400 model pixels "
+                        "of each of its pixels (limit 16x per axis); resample the raster, or raise tiling.max_resample"),
     ({"count": 1}, {}, "reads bands [1, 2, 3] but the raster has 1 band(s)"),
 ])
 def test_scene_that_does_not_fit_fails_with_one_line(tmp_path, model_dir, raster, head, message):
@@ -89,6 +90,22 @@ def test_scene_that_does_not_fit_fails_with_one_line(tmp_path, model_dir, raster
         check_scene(info, cfg)
     assert str(err.value).startswith(f"{path}: ") and message in str(err.value), str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_pixel_size_is_resampled_within_the_limit_and_refused_without_resampling(tmp_path, model_dir):
+    """A 10 m raster for a 1 m model: resampled (10x per axis, under the limit of 16); with
+    resampling off, or blend none (tiles run as they are), refused as more than 3x off."""
+    ten = inspect_scene(str(_raster(tmp_path / "ten.tif", res=10.0)))
+    head = {"landuse": {"weights": str(model_dir)}}
+    check_scene(ten, config_from_dict({"models": head}))
+    for tiling, how in (({"resample": False}, "turn tiling.resample on"),
+                        ({"blend": "none"}, "use tiling.blend: hann, which resamples")):
+        with pytest.raises(InputError) as err:
+            check_scene(ten, config_from_dict({"tiling": tiling, "models": head}))
+        assert str(err.value) == (f"{ten.path}: does not fit model 'landuse': was trained at 1 m per pixel, the raster "
+                                  f"has 10 m (more than 3x off); resample it, or {how}")
+    with pytest.raises(InputError, match="limit 8x per axis"):
+        check_scene(ten, config_from_dict({"tiling": {"max_resample": 8}, "models": head}))
 
 
 def test_fitting_scenes_pass_and_overrides_allow_others(tmp_path, model_dir):

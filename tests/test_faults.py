@@ -155,10 +155,11 @@ def scenes(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
 
 
 def _config_with(path: Path, oracle_config_path: Path, landuse_factory: str | None = None,
-                 models_file: Path = FAULT_MODELS) -> Path:
+                 models_file: Path = FAULT_MODELS, tiling: dict | None = None) -> Path:
     """The oracle config with the land-use model swapped for ``models_file:landuse_factory``."""
     cfg = yaml.safe_load(oracle_config_path.read_text())
-    cfg["tiling"], cfg["runtime"] = {**cfg["tiling"], **OVERRIDES["tiling"]}, {**cfg["runtime"], **OVERRIDES["runtime"]}
+    cfg["tiling"] = {**cfg["tiling"], **OVERRIDES["tiling"], **(tiling or {})}
+    cfg["runtime"] = {**cfg["runtime"], **OVERRIDES["runtime"]}
     if landuse_factory:
         cfg["models"]["landuse"]["factory"] = f"{models_file}:{landuse_factory}"
     path.write_text(yaml.safe_dump(cfg))
@@ -251,7 +252,10 @@ def test_poison_tile_fails_only_its_scene(ray_session, scenes, undisturbed, faul
     # In the core of tile (row 1, col 1) of a 700 px scene, further than the halo from its edges: only
     # that tile's read window holds it.
     _with_poison(scenes[1], poison, fault_models.MARKER, row=380, col=300)
-    config = load_config(_config_with(tmp_path / "config.yaml", oracle_config_path, "poison_landuse"))
+    # Each tile one window (blend none), so that only tile 4's model call sees the poison: blended
+    # windows on this 700 px scene all hold it, and the first tile to die would be named instead.
+    config = load_config(_config_with(tmp_path / "config.yaml", oracle_config_path, "poison_landuse",
+                                      tiling={"blend": "none"}))
     expected, config_path = undisturbed
 
     out = tmp_path / "out"

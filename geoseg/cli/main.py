@@ -34,7 +34,11 @@ def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
               help="YAML config (default: configs/default.yaml).")
 @click.option("--tile-size", type=int, default=None, help="Core pixels per tile side (overrides the config).")
-@click.option("--halo", type=int, default=None, help="Context pixels on each side of a tile.")
+@click.option("--halo", type=int, default=None, help="Pixels each side of a tile's core that its objects are decoded over.")
+@click.option("--blend", type=click.Choice(["hann", "none"]), default=None,
+              help="hann: models run on overlapping windows, blended (no seams); none: one window per tile.")
+@click.option("--window", type=int, default=None, help="Window side the models see, in model pixels (blend hann).")
+@click.option("--overlap", type=int, default=None, help="Model pixels shared by neighbouring windows (blend hann).")
 @click.option("--batch-size", type=int, default=None, help="Tiles per task (per network call on a GPU; one by one on the CPU).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None)
 @click.option("--vectors", default=None, metavar="FORMATS",
@@ -45,8 +49,9 @@ def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
 @click.option("--resume", is_flag=True, hidden=True, help="No effect: every run skips unchanged inputs.")
 @click.pass_context
 def run(ctx: click.Context, inputs: tuple[str, ...], out_dir: str, config_path: str | None, tile_size: int | None,
-        halo: int | None, batch_size: int | None, device: str | None, vectors: str | None, address: str | None,
-        recursive: bool, force: bool, resume: bool) -> None:
+        halo: int | None, blend: str | None, window: int | None, overlap: int | None, batch_size: int | None,
+        device: str | None, vectors: str | None, address: str | None, recursive: bool, force: bool,
+        resume: bool) -> None:
     """Segment every GeoTIFF in INPUTS (files, folders, globs, s3:// prefixes) into OUT.
 
     Inputs done before from the same bytes with the same config and models are skipped (see
@@ -68,7 +73,8 @@ def run(ctx: click.Context, inputs: tuple[str, ...], out_dir: str, config_path: 
     from geoseg.pipeline import run as run_pipeline
     from geoseg.storage import OutputStore
 
-    overrides = {"tiling": {"tile_size": tile_size, "halo": halo}, "runtime": {"batch_size": batch_size, "device": device},
+    overrides = {"tiling": {"tile_size": tile_size, "halo": halo, "blend": blend, "window": window, "overlap": overlap},
+                 "runtime": {"batch_size": batch_size, "device": device},
                  "output": {"vectors": vectors}}
     config = load_config(config_path or DEFAULT_CONFIG, overrides)
     del resume  # kept so that old nightly scripts still run: skipping unchanged inputs is the default
