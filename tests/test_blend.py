@@ -173,3 +173,108 @@ def test_absurd_resampling_is_refused_with_the_limit_to_raise(ray_session, share
                      r"300 m: resampling would make 89,9\d\d model pixels of each of its pixels \(limit 16x per "
                      r"axis\); resample the raster, or raise tiling.max_resample", error), error
     assert not (tmp_path / "RGB.byte").exists()
+
+
+def _upsampled(src: Path, dst: Path, factor: int) -> Path:
+    """``src`` with every pixel repeated ``factor`` x ``factor`` times: the same ground, finer pixels."""
+    with rasterio.open(src) as ds:
+        profile, data = ds.profile, ds.read()
+        profile.update(width=ds.width * factor, height=ds.height * factor,
+                       transform=ds.transform * ds.transform.scale(1 / factor, 1 / factor))
+    with rasterio.open(dst, "w", **profile) as out:
+        out.write(data.repeat(factor, axis=1).repeat(factor, axis=2))
+    return dst
+
+
+def test_finer_raster_is_resampled_to_the_models_pixels_and_written_on_its_own(ray_session, oracle_config_path,
+                                                                               tmp_path):
+    """The context-free oracles, told they work at 1 m, on a synthetic 1 m scene upsampled to 0.5 m:
+    each window is averaged back to 1 m (2 x 2 equal pixels: the original values), and the outputs,
+    on the 0.5 m grid, equal the truth upsampled: land use pixel for pixel, every object once."""
+    import geopandas as gpd
+
+    from geoseg.synth import write_scene
+
+    scene = tmp_path / "one_m.tif"
+    write_scene(scene, size=384, seed=11)
+    fine = _upsampled(scene, tmp_path / "half_m.tif", 2)
+    data = yaml.safe_load(oracle_config_path.read_text())
+    for head in data["models"].values():
+        head["input"] = {"gsd_m": 1.0}
+    data["tiling"] = {"tile_size": 256, "halo": 16, "window": 128, "overlap": 32}  # several windows, resampled
+    config = config_from_dict(data, str(oracle_config_path), str(oracle_config_path.parent))
+    report = run([str(fine)], tmp_path / "out", config, progress=False)
+    assert report.ok, report.failures
+    out = tmp_path / "out" / "half_m"
+    truth_dir = scene.with_suffix(".truth")
+    with rasterio.open(out / "half_m_landuse.tif") as got, rasterio.open(truth_dir / "landuse.tif") as want, \
+            rasterio.open(fine) as grid:
+        assert (got.transform, got.shape) == (grid.transform, grid.shape)
+        expected = want.read(1).repeat(2, axis=0).repeat(2, axis=1)
+        np.testing.assert_array_equal(got.read(1), expected)
+    summary = json.loads((out / "summary.json").read_text())
+    for name in ("buildings", "ships"):
+        truth = gpd.read_file(truth_dir / "objects.gpkg", layer=name)
+        found = gpd.read_file(out / "half_m.gpkg", layer=name)
+        assert len(found) == len(truth) == summary["models"][name]["classes"][name[:-1]]["count"], name
+        # The same ground: areas in m^2 agree with the truth's to within the pixel edges' rounding.
+        assert found.area.sum() == pytest.approx(truth.to_crs(found.crs).area.sum(), rel=0.02), name
+
+
+def test_landsat_cloud_config_runs_on_a_six_band_stack(ray_session, tmp_path):
+    """configs/landsat-clouds.yaml on a made-up Landsat 8 Collection 2 Level-2 stack at 30 m (no
+    real Landsat scene with SWIR bands is at hand): dark vegetated land with a bright, flat block in
+    its middle. The 6-band network builds, reads six bands as reflectance and agrees with
+    ukis-csmask's own CSmask on the same reflectance. (Neither calls all of a flat, textureless
+    block cloud: it is not much like a cloud.)"""
+    pytest.importorskip("ukis_csmask")
+    pytest.importorskip("onnxruntime")
+    from ukis_csmask.mask import CSmask
+
+    rng = np.random.default_rng(0)
+    land = np.array([0.04, 0.07, 0.05, 0.30, 0.18, 0.09])  # blue .. swir22 reflectance of vegetation
+    cloud = np.array([0.75, 0.74, 0.74, 0.72, 0.45, 0.35])
+    reflectance = land[:, None, None] + rng.normal(0, 0.01, (6, 300, 300))
+    reflectance[:, 100:200, 100:200] = cloud[:, None, None] + rng.normal(0, 0.01, (6, 100, 100))
+    dn = np.clip((reflectance + 0.2) / 0.0000275, 1, 65535).astype(np.uint16)
+    src = tmp_path / "landsat.tif"
+    with rasterio.open(src, "w", driver="GTiff", width=300, height=300, count=6, dtype="uint16", crs="EPSG:32617",
+                       transform=rasterio.Affine(30, 0, 600000, 0, -30, 4000000)) as ds:
+        ds.write(dn)
+    report = run([str(src)], tmp_path / "out", load_config(REPO / "configs" / "landsat-clouds.yaml"), progress=False)
+    assert report.ok, report.failures
+    mask, _ = _mask(tmp_path / "out", "landsat")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = CSmask(np.moveaxis(dn * 0.0000275 - 0.2, 0, -1).astype(np.float32),
+                           band_order=["blue", "green", "red", "nir", "swir16", "swir22"], product_level="l2a").csm[..., 0]
+    outside = np.ones_like(mask, bool)
+    outside[80:220, 80:220] = False
+    share = float(np.mean(mask == reference))
+    print(f"landsat stack: agreement with CSmask {share:.1%}; land clear {np.mean(mask[outside] == 0):.1%} "
+          f"(CSmask {np.mean(reference[outside] == 0):.1%}); block cloud {np.mean(mask[100:200, 100:200] == 1):.1%} "
+          f"(CSmask {np.mean(reference[100:200, 100:200] == 1):.1%})")
+    assert set(np.unique(mask)) <= {0, 1, 2} and share >= 0.9 and np.mean(mask[outside] == 0) > 0.95
+
+
+@pytest.mark.parametrize("variant", ["4b_l2a", "4b_l1c", "6b_l2a", "6b_l1c"])
+def test_cloud_networks_equal_ukis_csmasks_onnx_files(variant):
+    """geoseg.csmask's smp U-Net, filled from the wheel's ONNX file, answers as onnxruntime running
+    that file does, on one 256 px window of reflectance-like input (the same normalised values)."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    import torch
+
+    from geoseg.csmask import build, model_info, package_file
+
+    stats = model_info(variant)["data"]["dataset_statistics"]["img"]
+    bands = len(stats[0])
+    rng = np.random.default_rng(1)
+    reflectance = rng.uniform(0.0, 0.6, (bands, 256, 256)).astype(np.float32)
+    reflectance[:, 64:192, 64:192] += 0.4  # something bright among the noise
+    x = ((reflectance - np.array(stats[0], np.float32)[:, None, None]) / np.array(stats[1], np.float32)[:, None, None])[None]
+    with torch.no_grad():
+        ours = build(variant)(torch.from_numpy(x)).numpy()
+    session = onnxruntime.InferenceSession(str(package_file(f"model_{variant}.onnx")), providers=["CPUExecutionProvider"])
+    theirs = session.run(None, {session.get_inputs()[0].name: x})[0]
+    assert np.mean(ours.argmax(1) == theirs.argmax(1)) >= 0.99  # noise makes near-ties: float order decides those
+    assert float(np.median(np.abs(ours - theirs))) < 0.01 * float(np.abs(theirs).max())
