@@ -3,11 +3,12 @@
 Sections (each measurement in its own subprocess, so a peak is one run's; see ``bench/README.md``):
 
 - ``trivial``: the pipeline's own ceiling (1x1-conv model, 8192^2, 2 CPUs): Mpx/s steady and end
-  to end, whole-job peak memory (driver RSS + PSS of every Ray process);
+  to end, whole-job peak memory (driver RSS + PSS of every Ray process), blended windows (the
+  default) and core crop (``blend: none``);
 - ``floor``: the whole-job memory before the first tile (Ray's own processes; every geoseg process
   started and ready), for the trivial model and the default config: what per-pixel work cannot lower;
-- ``unet``: U-Net ResNet-18 on 4096^2: the model alone on all cores, the pipeline (Ray started by
-  the run, and already up), their ratio, the job's CPU seconds against the model's, and the peer
+- ``unet``: U-Net ResNet-18 on 4096^2: the model alone on all cores, the pipeline with core crop
+  (Ray started by the run, and already up) and with blended windows (``BLEND_SETTINGS``), ratios, the job's CPU seconds against the model's, and the peer
   (geoai-py ``predict_geotiff``, same network and weights) in a throw-away venv;
 - ``driver_cpu``: three trivial heads (semantic + two instance) at 2048^2 and 4096^2: driver CPU
   seconds per extra megapixel;
@@ -57,6 +58,9 @@ SECTIONS = ("trivial", "floor", "unet", "driver_cpu", "start", "worldcover", "in
 SMALL_SCENES_BEFORE = "2a64f10"
 KEPT = (*SECTIONS, "gpu")  # sections of results.json kept when not re-run (others are superseded: dropped)
 CLASSES5 = ["c0", "c1", "c2", "c3", "c4"]
+# Blended U-Net runs of the unet section: (window, overlap) in model pixels, on tiles of BLEND_TILE.
+BLEND_SETTINGS = ((512, 128), (512, 64))
+BLEND_TILE = 1024
 
 
 def log(msg: str) -> None:
@@ -165,8 +169,9 @@ def _child(module: str, args: list[str], monitor: bool = False, timeout: int = 1
 
 
 def semantic_config(factory: str, tile: int, halo: int, batch: int, bands: list[int] | None = None,
-                    device: str = "cpu") -> dict[str, Any]:
-    return {"tiling": {"tile_size": tile, "halo": halo}, "runtime": {"batch_size": batch, "device": device},
+                    device: str = "cpu", **tiling: Any) -> dict[str, Any]:
+    """One semantic head; ``tiling``: further tiling keys (blend, window, overlap; else the defaults)."""
+    return {"tiling": {"tile_size": tile, "halo": halo, **tiling}, "runtime": {"batch_size": batch, "device": device},
             "models": {"landuse": {"task": "semantic", "classes": CLASSES5, "bands": bands or [1, 2, 3],
                                    "normalize": {"scale": 255.0}, "factory": factory}}}
 
@@ -249,10 +254,13 @@ def _get(d: dict[str, Any], key: str) -> Any:
 def bench_trivial(size: int) -> dict[str, Any]:
     tile, halo, batch = 1024, 64, 4
     raster = write_raster(SCRATCH / f"syn-{size}.tif", size, pixel_size=PIXEL_SIZE_M)
-    log(f"trivial: pipeline, 1x1-conv model, {size}^2, 2 CPUs")
+    log(f"trivial: pipeline, 1x1-conv model, {size}^2, 2 CPUs, blended windows (the default tiling)")
     run = pipeline([raster], semantic_config(TRIVIAL, tile, halo, batch), f"trivial-{size}", num_cpus=2)
     log(f"trivial: {_get(run, 'mpx_per_s_steady')} Mpx/s steady, {_get(run, 'mpx_per_s_end_to_end')} end to end,"
         f" whole job peak {_get(run, 'whole_job_peak_mib')} MiB {run.get('error', '')}")
+    log("trivial: the same, core crop (blend none)")
+    core = pipeline([raster], semantic_config(TRIVIAL, tile, halo, batch, blend="none"), f"trivial-{size}-core",
+                    num_cpus=2)
     checks = [
         check("Mpx/s steady (core px after the first progress entry / first to last entry)",
               _get(run, "mpx_per_s_steady"), "Mpx/s", ">= 8"),
@@ -263,6 +271,11 @@ def bench_trivial(size: int) -> dict[str, Any]:
         check("Ray processes, peak PSS sum", _get(run, "ray_processes_peak_pss_sum_mib"), "MiB"),
         check("first tile after run() began", _get(run, "first_tile_s"), "s"),
         check("run() wall", _get(run, "wall_s"), "s"),
+        check("core crop (blend none): Mpx/s end to end", _get(core, "mpx_per_s_end_to_end"), "Mpx/s"),
+        check("core crop (blend none): whole-job peak", _get(core, "whole_job_peak_mib"), "MiB"),
+        check("blended / core crop: whole-job peak", ratio(_get(run, "whole_job_peak_mib"),
+                                                            _get(core, "whole_job_peak_mib")), "x"),
+        check("blended / core crop: run() wall", ratio(_get(run, "wall_s"), _get(core, "wall_s")), "x"),
     ]
     log("trivial: I/O floor (read every block, write a deflate COG mask), one process, one core")
     floor = _child("bench.child_io_floor", ["--input", str(raster), "--out", str(SCRATCH / "io-floor.tif")])
@@ -272,7 +285,8 @@ def bench_trivial(size: int) -> dict[str, Any]:
         check("pipeline steady / I/O floor on one core", ratio(_get(run, "mpx_per_s_steady"),
                                                               _get(floor, "mpx_per_s_one_core"))),
     ]
-    return {"title": "Pipeline ceiling: trivial model", "checks": checks, "run": run, "io_floor": floor,
+    return {"title": "Pipeline ceiling: trivial model", "checks": checks, "run": run, "core_crop": core,
+            "io_floor": floor,
             "parameters": {"size": size, "tile_size": tile, "halo": halo, "batch_size": batch, "model": TRIVIAL,
                            "ray_cpus": 2, "device": "cpu",
                            "raster": "synthetic 3-band uint8, deflate, 512 blocks, 10 m UTM (bench/rasters.py)"}}
@@ -326,10 +340,19 @@ def bench_unet(size: int, batches: int) -> dict[str, Any]:
     alone = _child("bench.child_model", ["--factory", UNET_MODULE, "--tile-size", str(tile), "--halo", str(halo),
                                          "--batch-size", str(batch), "--threads", str(threads),
                                          "--batches", str(batches), "--save-state", str(state)])
-    log(f"unet: pipeline, {size}^2")
-    pipe = pipeline([raster], semantic_config(UNET_FILE, tile, halo, batch), f"unet-{size}")
-    log(f"unet: pipeline, {size}^2, Ray already up")
-    pipe_up = pipeline([raster], semantic_config(UNET_FILE, tile, halo, batch), f"unet-{size}-up", ray_up=True)
+    # Blended windows are the default; "core crop" (blend none: one window per tile, its core kept)
+    # is what the pipeline did before and what the model-alone figure times.
+    log(f"unet: pipeline, {size}^2, core crop (blend none, tile {tile} halo {halo})")
+    pipe = pipeline([raster], semantic_config(UNET_FILE, tile, halo, batch, blend="none"), f"unet-{size}")
+    log(f"unet: pipeline, {size}^2, Ray already up, core crop")
+    pipe_up = pipeline([raster], semantic_config(UNET_FILE, tile, halo, batch, blend="none"), f"unet-{size}-up",
+                       ray_up=True)
+    blended: dict[str, dict[str, Any]] = {}
+    for window_overlap in BLEND_SETTINGS:
+        w, o = window_overlap
+        log(f"unet: pipeline, {size}^2, blended windows {w} overlap {o}, tile {BLEND_TILE} halo {halo}")
+        blended[f"{w}/{o}"] = pipeline([raster], semantic_config(UNET_FILE, BLEND_TILE, halo, batch, window=w, overlap=o),
+                                       f"unet-{size}-blend-{w}-{o}")
     log("unet: peer environment (geoai-py)")
     from bench.peer import ensure_peer_venv
 
@@ -356,10 +379,10 @@ def bench_unet(size: int, batches: int) -> dict[str, Any]:
     budget = cpu_budget(pipe, alone, threads)
     checks = [
         check(f"U-Net alone, {threads} threads (all cores), forward + argmax, median batch, fastest layout and call size", alone_mpx, "Mpx/s"),
-        check("pipeline, end to end (core Mpx / run() wall)", e2e, "Mpx/s"),
-        check("pipeline, steady", steady, "Mpx/s"),
-        check("pipeline / model alone, end to end", ratio(e2e, alone_mpx), "", ">= 0.65"),
-        check("pipeline / model alone, steady", ratio(steady, alone_mpx), ""),
+        check("pipeline, core crop, end to end (core Mpx / run() wall)", e2e, "Mpx/s"),
+        check("pipeline, core crop, steady", steady, "Mpx/s"),
+        check("pipeline, core crop / model alone, end to end", ratio(e2e, alone_mpx), "", ">= 0.65"),
+        check("pipeline, core crop / model alone, steady", ratio(steady, alone_mpx), ""),
         check("pipeline / model alone, end to end, Ray already up (started before run(), as on a cluster)",
               ratio(_get(pipe_up, "mpx_per_s_end_to_end"), alone_mpx), ""),
         check("job CPU: every process of the run, driver included", budget.get("job_cpu_s"), "core-s"),
@@ -370,15 +393,27 @@ def bench_unet(size: int, batches: int) -> dict[str, Any]:
               budget.get("wall_floor_s"), "s"),
         check("highest end-to-end ratio that job CPU allows (model-alone wall / that floor)",
               budget.get("ratio_ceiling"), ""),
-        check("geoseg run() wall", geoseg_s, "s"),
+        check("geoseg run() wall, core crop", geoseg_s, "s"),
         check(f"geoai-py {env.get('geoai_version', '?')} predict_geotiff wall (the call)", geoai_s, "s"),
-        check("geoseg / geoai speed (geoai call s / geoseg run() s)", ratio(geoai_s, geoseg_s), "x"),
+        check("geoseg core crop / geoai speed (geoai call s / geoseg run() s)", ratio(geoai_s, geoseg_s), "x"),
         check("geoseg / geoai speed, whole processes, Popen to exit (imports, Ray start/stop included)",
               ratio(_get(peer, "process_wall_s"), _get(pipe, "process_wall_s")), "x"),
         check("same weights in the model-alone and the peer run (state_dict digest)", same_weights, "", "yes"),
     ]
+    for key, run in blended.items():
+        w, o = key.split("/")
+        work = round((int(w) / (int(w) - int(o))) ** 2, 2)
+        checks += [
+            check(f"blended, window {w} overlap {o} (networks on {work}x the pixels): run() wall",
+                  _get(run, "wall_s"), "s"),
+            check(f"blended {w}/{o} / core crop, run() wall", ratio(_get(run, "wall_s"), geoseg_s), "x"),
+            check(f"geoseg blended {w}/{o} / geoai speed (geoai call s / geoseg run() s)",
+                  ratio(geoai_s, _get(run, "wall_s")), "x"),
+            check(f"blended {w}/{o}: whole-job peak memory", _get(run, "whole_job_peak_mib"), "MiB"),
+        ]
     return {"title": "U-Net ResNet-18: pipeline vs the model alone vs geoai-py", "checks": checks,
-            "model_alone": alone, "pipeline": pipe, "pipeline_ray_up": pipe_up, "cpu_budget": budget,
+            "model_alone": alone, "pipeline": pipe, "pipeline_ray_up": pipe_up, "pipeline_blended": blended,
+            "cpu_budget": budget,
             "peer": peer, "peer_env": env,
             "parameters": {"size": size, "tile_size": tile, "halo": halo, "batch_size": batch,
                            "padded_side": alone.get("padded_side"), "model_alone_threads": threads,

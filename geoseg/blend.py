@@ -32,6 +32,7 @@ class WindowCache:
         self.max_bytes = max_bytes
         self.bytes = 0
         self.items: collections.OrderedDict[WindowKey, torch.Tensor] = collections.OrderedDict()
+        self.sides: dict[WindowKey, int] = {}  # each window's side on the input grid
         self.hits = self.misses = 0
 
     def get(self, key: WindowKey) -> torch.Tensor | None:
@@ -43,14 +44,24 @@ class WindowCache:
         self.items.move_to_end(key)
         return value
 
-    def put(self, key: WindowKey, value: torch.Tensor) -> None:
+    def drop_above(self, scene_key: str, row: int) -> None:
+        """Forget the scene's windows that end above ``row``: tiles come to an actor row by row, so
+        no later tile needs them (a tile sent again would compute them again)."""
+        for key in [k for k in self.items if k[0] == scene_key and k[2] + self.sides.get(k, 0) <= row]:
+            value = self.items.pop(key)
+            self.sides.pop(key, None)
+            self.bytes -= value.numel() * value.element_size()
+
+    def put(self, key: WindowKey, value: torch.Tensor, side: int) -> None:
         size = value.numel() * value.element_size()
         if size > self.max_bytes:
             return
         self.items[key] = value
+        self.sides[key] = side
         self.bytes += size
         while self.bytes > self.max_bytes:
-            _, old = self.items.popitem(last=False)
+            old_key, old = self.items.popitem(last=False)
+            self.sides.pop(old_key, None)
             self.bytes -= old.numel() * old.element_size()
 
 
@@ -97,6 +108,7 @@ def blend_batch(predictor: Predictor, payloads: list[dict[str, Any]], plan: Blen
     """Every head's blended output for each tile: uint8 class per core pixel (semantic), or uint8
     probabilities (p * 255) per channel over the read window (instance), as ``Predictor`` returns."""
     results: list[dict[str, np.ndarray]] = [{} for _ in payloads]
+    predictor.cache.drop_above(plan.key, min(int(p["tile"].read.row_off) for p in payloads))
     for name, (spec, model, positions) in predictor.heads.items():
         hw = plan.heads[name]
         needs = [plan.windows(name, p["tile"].read) for p in payloads]
@@ -144,7 +156,7 @@ def _head_windows(predictor: Predictor, payloads: list[dict[str, Any]], plan: Bl
         out = _window_probs(predictor, spec, model, x, None if bool(v.all()) else v, hw)
         for key, probs in zip(part, out):
             found[key] = probs
-            predictor.cache.put(key, probs)
+            predictor.cache.put(key, probs, hw.side)
     return found
 
 
@@ -155,7 +167,7 @@ def _tile_context(payload: dict[str, Any], wins: list[tuple[int, int]], hw: Head
 
     top, left = min(r for r, _ in wins), min(c for _, c in wins)
     bottom, right = max(r for r, _ in wins) + hw.side, max(c for _, c in wins) + hw.side
-    have = payload["tile"].context or payload["tile"].read
+    have = payload["tile"].source
     image = payload["image"]
     image = image.astype(_WIDEN.get(image.dtype, image.dtype), copy=False)
     valid = payload.get("valid")

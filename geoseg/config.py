@@ -39,8 +39,8 @@ class TilingConfig(_Frozen):
     ``max_resample`` bounds the factor per axis either way.
     """
 
-    tile_size: int = Field(512, ge=16, le=8192)
-    halo: int = Field(64, ge=0, le=1024)
+    tile_size: int = Field(1024, ge=16, le=8192)
+    halo: int = Field(32, ge=0, le=1024)
     blend: Literal["hann", "none"] = "hann"
     window: int = Field(512, ge=32, le=4096)
     overlap: int = Field(128, ge=0, le=2048)

@@ -278,3 +278,18 @@ def test_cloud_networks_equal_ukis_csmasks_onnx_files(variant):
     theirs = session.run(None, {session.get_inputs()[0].name: x})[0]
     assert np.mean(ours.argmax(1) == theirs.argmax(1)) >= 0.99  # noise makes near-ties: float order decides those
     assert float(np.median(np.abs(ours - theirs))) < 0.01 * float(np.abs(theirs).max())
+
+
+def test_window_cache_stays_bounded_and_forgets_rows_above():
+    import torch
+
+    from geoseg.blend import WindowCache
+
+    cache = WindowCache(max_bytes=10 * 1024)
+    for c in range(0, 4096, 256):  # 16 windows of 1 KiB: the oldest 6 go
+        cache.put(("scene", "m", 0, c), torch.zeros(1024, dtype=torch.uint8), side=512)
+    assert cache.bytes == 10 * 1024 and len(cache.items) == 10 and cache.get(("scene", "m", 0, 0)) is None
+    cache.put(("scene", "m", 384, 0), torch.zeros(1024, dtype=torch.uint8), side=512)
+    cache.put(("other", "m", 0, 0), torch.zeros(1024, dtype=torch.uint8), side=512)
+    cache.drop_above("scene", 512)  # windows of row 0 end at 512: no tile from row 512 on needs them
+    assert set(cache.items) == {("scene", "m", 384, 0), ("other", "m", 0, 0)} and cache.bytes == 2048
