@@ -16,7 +16,9 @@ Sections (each measurement in its own subprocess, so a peak is one run's; see ``
 - ``worldcover``: the 36000^2 ESA WorldCover tile (trivial model): memory against the 8192^2 run;
 - ``instances``: instance decoding + vectorising + seam merging + export on planted scenes;
 - ``small_scenes``: seconds per scene for 200 rasters of 64^2 (default config), this version
-  against commit ``SMALL_SCENES_BEFORE`` (a git worktree).
+  against commit ``SMALL_SCENES_BEFORE`` (a git worktree);
+- ``precision``: bf16 against float32 (``runtime.precision``) for the shipped configs on inputs
+  they are for: pixel agreement, object counts, run wall.
 
 ``bench/gpu.py`` writes a ``gpu`` section into the same JSON (on a CUDA machine).
 
@@ -53,7 +55,8 @@ TRIVIAL = "bench/models.py:trivial_semantic"
 UNET_FILE, UNET_MODULE = "bench/models.py:unet_resnet18", "bench.models:unet_resnet18"
 BOUND_MIB = round(1.5e9 / 2**20, 1)  # 1.5 GB (decimal) = 1430.5 MiB
 PIXEL_SIZE_M = 10.0  # synthetic rasters: 10 m pixels, planar UTM
-SECTIONS = ("trivial", "floor", "unet", "driver_cpu", "start", "worldcover", "instances", "small_scenes")
+SECTIONS = ("trivial", "floor", "unet", "driver_cpu", "start", "worldcover", "instances", "small_scenes", "precision")
+SHARED = REPO.parent / "shared" / "data"
 # The last commit before incremental runs and per-tile model squares: "before" of small_scenes.
 SMALL_SCENES_BEFORE = "2a64f10"
 KEPT = (*SECTIONS, "gpu")  # sections of results.json kept when not re-run (others are superseded: dropped)
@@ -684,6 +687,53 @@ def bench_instances(sizes: list[int], tile: int, halo: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------- main
 
 
+def _cloud_stack() -> Path | None:
+    """Cartagena's Sentinel-2 L2A bands B02 B03 B04 B08 stacked (10 m), for the cloud network."""
+    try:
+        sys.path.insert(0, str(REPO))
+        from tests.helpers.sentinel2 import stack
+    except ImportError:
+        return None
+    if not (SHARED / "sen2ships" / "cartagena").is_dir():
+        return None
+    return stack(SHARED, "cartagena", SCRATCH / "cartagena-10m.tif")
+
+
+def bench_precision() -> dict[str, Any]:
+    """bf16 against float32 (``runtime.precision``) for each shipped config on an input it is for."""
+    from geoseg.synth import write_scene
+
+    synth = SCRATCH / "precision-synth-1024.tif"
+    write_scene(synth, size=1024, seed=31)
+    cases = [f"default={DEFAULT_CONFIG}={synth}"]
+    clouds = _cloud_stack()
+    if clouds is not None:
+        cases.append(f"sentinel2-clouds={REPO / 'configs' / 'sentinel2-clouds.yaml'}={clouds}")
+    log(f"precision: {len(cases)} configs, fp32 and bf16 each")
+    args = ["--out", str(SCRATCH / "precision")]
+    for case in cases:
+        args += ["--case", case]
+    res = _child("bench.child_precision", args, timeout=1800)
+    checks = []
+    for case in res.get("cases", []):
+        if "error" in case:
+            checks.append(check(f"{case['case']}: failed", case["error"], ""))
+            continue
+        for head, h in case["heads"].items():
+            figure = h.get("agreement", h.get("object_pixels_agree"))
+            what = "pixels of the same class" if h["task"] == "semantic" else "object pixels in both runs"
+            checks.append(check(f"{case['case']} / {head}: bf16 vs fp32, {what}", figure, ""))
+        counts = case["runs"]
+        for model, classes in counts["fp32"].get("counts", {}).items():
+            for cls, n in classes.items():
+                checks.append(check(f"{case['case']} / {model}: objects fp32 -> bf16",
+                                    f"{n} -> {counts['bf16']['counts'][model][cls]}", ""))
+        checks.append(check(f"{case['case']}: run() wall fp32 / bf16 (device {counts['bf16'].get('device')})",
+                            case.get("speedup_bf16"), "x"))
+    return {"title": "Number format: bf16 against float32 for the shipped configs", "checks": checks, "runs": res,
+            "parameters": {"cases": cases, "device": "cpu"}}
+
+
 def load_results(path: Path) -> dict[str, Any]:
     """The JSON so far, without superseded sections (kept: this run's sections and ``gpu``)."""
     try:
@@ -749,6 +799,7 @@ def main() -> None:
         "worldcover": lambda: bench_worldcover(q, results.get("trivial")),
         "instances": lambda: bench_instances([1500, 3000] if q else [6000, 12000], 512, 64),
         "small_scenes": lambda: bench_small_scenes(20 if q else 200, 64),
+        "precision": bench_precision,
     }
     for section in [s for s in SECTIONS if s in only]:
         t = time.monotonic()

@@ -99,7 +99,7 @@ def _window_probs(predictor: Predictor, spec: ModelConfig, model: torch.nn.Modul
     if hw.resampled:
         x, valid = _to_model_grid(x, valid, hw)
     x = mask_invalid(_normalize(x, spec), valid).contiguous(memory_format=torch.channels_last)
-    with predictor.autocast():
+    with predictor.autocast(spec):
         probs = predict_probs(model, x, spec, spec.tta or predictor.config.runtime.tta)
     return (probs * 255).round().to(torch.uint8)
 

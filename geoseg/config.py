@@ -73,6 +73,9 @@ class RuntimeConfig(_Frozen):
     # Test-time augmentation for every head that does not set its own: 'flip' averages the
     # probabilities of the tile and its horizontal, vertical and double flips (4x the compute).
     tta: Literal["none", "flip"] = "none"
+    # Number format of the networks: auto = bf16 on CUDA (fp16 where the GPU lacks bf16) and on CPUs
+    # that compute bf16 natively (AVX-512 BF16, AMX), float32 elsewhere. A head may pin fp32.
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     # Window outputs a model actor keeps for the next tiles (geoseg.blend): neighbours share windows.
     window_cache_mb: int = Field(256, ge=0)
 
@@ -254,6 +257,7 @@ class ModelConfig(_Frozen):
     input: InputSpec = InputSpec()
     trained_on: TrainedOn | None = None  # None: not known (no contract says)
     tta: Literal["none", "flip"] | None = None  # None: runtime.tta
+    precision: Literal["fp32"] | None = None  # fp32: this network always runs in float32 (runtime.precision aside)
     # Instance decoding (ignored for semantic heads).
     channels: list[InstanceChannel] = ["body"]
     threshold: float = Field(0.5, gt=0, lt=1, description="body > threshold is foreground (one channel)")

@@ -34,7 +34,7 @@ CONTRACT_FILE = "geoseg.json"
 CONTRACT_VERSION = 1
 # Keys of a head (ModelConfig) that a contract may supply.
 CONTRACT_KEYS = ("task", "classes", "colors", "channels", "bands", "normalize", "input", "threshold",
-                 "seed_threshold", "mask_threshold", "min_area_m2", "simplify_m", "trained_on")
+                 "seed_threshold", "mask_threshold", "min_area_m2", "simplify_m", "trained_on", "precision")
 
 
 def resolve(path: str, base_dir: str) -> Path:

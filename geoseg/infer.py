@@ -3,8 +3,9 @@
 ``Predictor`` is a plain callable class (Ray's batch-inference pattern): it runs without Ray, and
 ``geoseg.pipeline`` wraps it in an actor, one per GPU; each actor builds its models once. The device
 comes from ``torch.cuda.is_available()``, never from Ray's GPU ids. Raw pixels arrive in the
-raster's own dtype and are normalised on the device. On CUDA the models run channels_last under
-bf16 (fp16 where bf16 is missing) autocast; on the CPU in float32, channels_last as well. Each
+raster's own dtype and are normalised on the device. The models run channels_last under autocast
+in ``runtime.precision`` (``auto``: bf16 on CUDA, fp16 where bf16 is missing, bf16 on CPUs with
+native bf16, float32 elsewhere; a head may pin fp32). Each
 model is checked on a zero batch when it is built, so a wrong config fails at start-up. Optional flip test-time
 augmentation averages probabilities over four flips (``runtime.tta`` or a head's ``tta``).
 """
@@ -12,7 +13,9 @@ augmentation averages probabilities over four flips (``runtime.tta`` or a head's
 from __future__ import annotations
 
 import contextlib
+import re
 import threading
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,6 +29,25 @@ from geoseg.windows import BlendPlan
 
 # torch has no arithmetic on these; widen on the host (still smaller than float32 for uint16).
 _WIDEN = {np.dtype("uint16"): np.int32, np.dtype("uint32"): np.int64, np.dtype("int8"): np.int16}
+
+
+def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this machine's CPU computes bf16 natively (AVX-512 BF16 or AMX): the one place that
+    reads the CPU's flags (Linux's /proc/cpuinfo; elsewhere: no)."""
+    try:
+        flags = cpuinfo.read_text()
+    except OSError:
+        return False
+    return re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) is not None
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """``auto``: bf16 on CUDA (fp16 where the GPU lacks bf16) and on CPUs with native bf16, else fp32."""
+    if requested != "auto":
+        return requested
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
 
 
 def pick_device(requested: str) -> torch.device:
@@ -110,6 +132,7 @@ class Predictor:
     def __init__(self, config: Config, num_threads: int | None = None) -> None:
         self.config = config
         self.device = pick_device(config.runtime.device)
+        self.precision = resolve_precision(config.runtime.precision, self.device)
         if self.device.type == "cpu" and num_threads:
             torch.set_num_threads(num_threads)
         self.halo = config.tiling.halo
@@ -135,11 +158,12 @@ class Predictor:
             buf = self._pinned_buffers[key] = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
         return buf.copy_(x)
 
-    def autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.device.type != "cuda":
+    def autocast(self, spec: ModelConfig) -> contextlib.AbstractContextManager[Any]:
+        """The head's number format: the run's precision, or float32 where the head pins it."""
+        if self.precision == "fp32" or spec.precision == "fp32":
             return contextlib.nullcontext()
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
 
     def __call__(self, batch: list[dict[str, Any]], plan: BlendPlan | None = None) -> list[dict[str, Any]]:
         """Run every head over the tiles that have pixels; pass errors and empty tiles through.
@@ -212,7 +236,7 @@ class Predictor:
     def _head_output(self, spec: ModelConfig, model: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
         """uint8 out of the device: class per core pixel (semantic), or p * 255 per channel."""
         tta = spec.tta or self.config.runtime.tta
-        with self.autocast():
+        with self.autocast(spec):
             if spec.task == "semantic" and tta == "none":
                 probs = model(x)  # argmax of logits = argmax of softmax: skip the softmax
             else:

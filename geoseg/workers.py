@@ -118,10 +118,11 @@ class PredictorWorker:
             self.error = exc
 
     def ready(self) -> str:
-        """The device the models run on; raises the model error if building failed."""
+        """The device the models run on and their number format (``cpu bf16``); raises the model
+        error if building failed."""
         if self.error is not None:
             raise self.error
-        return str(self.predictor.device)
+        return f"{self.predictor.device} {self.predictor.precision}"
 
     def predict(self, payloads: list[dict[str, Any]], plan: BlendPlan | None = None) -> list[dict[str, Any]]:
         return self.predictor(payloads, plan)
