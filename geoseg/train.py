@@ -45,10 +45,21 @@ def _head_spec(cfg: TrainConfig, normalize: Any) -> ModelConfig:
 
 
 def _loss(logits: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, task: str,
-          class_weights: torch.Tensor | None = None) -> torch.Tensor:
+          class_weights: torch.Tensor | None = None, dice: bool = False) -> torch.Tensor:
     if task == "semantic":
         y = torch.where(valid, y.long(), torch.full_like(y.long(), IGNORE))
-        return torch.nn.functional.cross_entropy(logits, y, weight=class_weights, ignore_index=IGNORE)
+        ce = torch.nn.functional.cross_entropy(logits, y, weight=class_weights, ignore_index=IGNORE)
+        if not dice:
+            return ce
+        # Soft dice per class over the batch (labelled pixels only): what IoU rewards, for every
+        # class alike however few its pixels.
+        v = valid[:, None].float()
+        p = torch.softmax(logits, 1) * v
+        t = torch.nn.functional.one_hot(torch.where(valid, y, 0), logits.shape[1]).permute(0, 3, 1, 2).float() * v
+        dims = (0, 2, 3)
+        present = t.sum(dims) > 0
+        d = 1 - (2 * (p * t).sum(dims) + 1) / (p.sum(dims) + t.sum(dims) + 1)
+        return ce + (d[present].mean() if present.any() else 0.0)
     v = valid[:, None].float()
     yf = y.float()
     bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, yf, reduction="none")
@@ -122,7 +133,7 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             logits = model(x)
-        loss = _loss(logits.float(), y, v, spec.task, class_weights)
+        loss = _loss(logits.float(), y, v, spec.task, class_weights, loop_cfg.get("dice", False))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -160,7 +171,7 @@ def _fit(cfg: TrainConfig, spec: ModelConfig, chips: dict[str, np.ndarray], stor
         "chips": ray.put(chips), "spec": spec.model_dump(), "arch": cfg.model.model_dump(), "steps": cfg.train.steps,
         "batch_size": cfg.train.batch_size, "lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay,
         "seed": cfg.train.seed, "threads": cfg.train.threads, "class_weights": class_weights,
-        "color_jitter": cfg.train.color_jitter,
+        "color_jitter": cfg.train.color_jitter, "dice": cfg.train.dice,
     }
     trainer = TorchTrainer(
         train_loop,
@@ -236,6 +247,9 @@ def evaluate(cfg: TrainConfig, spec: ModelConfig, model: torch.nn.Module, scenes
         else:
             a["body"] += confusion((probs[0] > spec.threshold).astype(np.uint8), (target > 0).astype(np.uint8), 2, valid)
             labels = decode_instances((probs * 255).round().astype(np.uint8), valid, spec)
+            if spec.min_area_m2 > 0:  # as the run's export drops them (area on the ground)
+                sizes = np.bincount(labels.ravel()) * _pixel_m(cfg, s) ** 2
+                labels = np.where(sizes[labels] >= spec.min_area_m2, labels, 0)
             truth = np.where(valid, target, 0)
             m = match_instances(labels, truth, cfg.eval_iou)
             a["tp"], a["pred"], a["truth"] = a["tp"] + m["matched"], a["pred"] + m["predicted"], a["truth"] + m["truth"]
@@ -255,6 +269,18 @@ def evaluate(cfg: TrainConfig, spec: ModelConfig, model: torch.nn.Module, scenes
     return out
 
 
+def _pixel_m(cfg: TrainConfig, s: Scene) -> float:
+    """Ground size (m) of a pixel of a scene as held in memory."""
+    if cfg.resample_m is not None:
+        return cfg.resample_m
+    if s.spec.pixel_size_m is not None:
+        return s.spec.pixel_size_m
+    from geoseg.contract import scene_gsd_m
+
+    h, w = s.valid.shape
+    return scene_gsd_m(s.crs.to_wkt(), s.transform, w, h)
+
+
 # ------------------------------------------------------------------------------------ model dir
 
 
@@ -270,7 +296,7 @@ def _contract(cfg: TrainConfig, spec: ModelConfig, scenes: list[Scene], dtype: s
         "name": cfg.name, "task": cfg.task, "classes": cfg.classes, "colors": cfg.colors,
         "bands": list(cfg.bands),
         "input": {"count": _source_count(cfg, first), "names": cfg.band_names, "dtype": dtype, "gsd_m": gsd},
-        "normalize": spec.normalize if isinstance(spec.normalize, str) else spec.normalize.model_dump(exclude_none=True),
+        "normalize": spec.normalize if isinstance(spec.normalize, str) else spec.normalize.model_dump(exclude_none=True, exclude_defaults=True),
         "trained_on": trained_on(cfg, scenes),
     }
     if cfg.task == "instance":

@@ -89,6 +89,7 @@ class TrainParams(_Strict):
     # Chips per scene grid: 2 adds a second grid shifted by half a chip (objects cut by one grid
     # lie whole in the other).
     chip_grids: Literal[1, 2] = 1
+    dice: bool = False  # semantic tasks: add a soft-dice term per class to the cross-entropy
 
 
 class TrainConfig(_Strict):
