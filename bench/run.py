@@ -61,8 +61,8 @@ SHARED = REPO.parent / "shared" / "data"
 SMALL_SCENES_BEFORE = "2a64f10"
 KEPT = (*SECTIONS, "gpu")  # sections of results.json kept when not re-run (others are superseded: dropped)
 CLASSES5 = ["c0", "c1", "c2", "c3", "c4"]
-# Blended U-Net runs of the unet section: (window, overlap) in model pixels, on tiles of BLEND_TILE.
-BLEND_SETTINGS = ((512, 128), (512, 64))
+# Blended U-Net runs of the unet section: (window, overlap) in model pixels, precision; tiles of BLEND_TILE.
+BLEND_SETTINGS = ((512, 128, "fp32"), (512, 64, "fp32"), (512, 128, "bf16"))
 BLEND_TILE = 1024
 
 
@@ -172,9 +172,11 @@ def _child(module: str, args: list[str], monitor: bool = False, timeout: int = 1
 
 
 def semantic_config(factory: str, tile: int, halo: int, batch: int, bands: list[int] | None = None,
-                    device: str = "cpu", **tiling: Any) -> dict[str, Any]:
-    """One semantic head; ``tiling``: further tiling keys (blend, window, overlap; else the defaults)."""
-    return {"tiling": {"tile_size": tile, "halo": halo, **tiling}, "runtime": {"batch_size": batch, "device": device},
+                    device: str = "cpu", precision: str = "fp32", **tiling: Any) -> dict[str, Any]:
+    """One semantic head, float32 unless told (as the model-alone timings); ``tiling``: further
+    tiling keys (blend, window, overlap; else the defaults)."""
+    return {"tiling": {"tile_size": tile, "halo": halo, **tiling},
+            "runtime": {"batch_size": batch, "device": device, "precision": precision},
             "models": {"landuse": {"task": "semantic", "classes": CLASSES5, "bands": bands or [1, 2, 3],
                                    "normalize": {"scale": 255.0}, "factory": factory}}}
 
@@ -351,11 +353,11 @@ def bench_unet(size: int, batches: int) -> dict[str, Any]:
     pipe_up = pipeline([raster], semantic_config(UNET_FILE, tile, halo, batch, blend="none"), f"unet-{size}-up",
                        ray_up=True)
     blended: dict[str, dict[str, Any]] = {}
-    for window_overlap in BLEND_SETTINGS:
-        w, o = window_overlap
-        log(f"unet: pipeline, {size}^2, blended windows {w} overlap {o}, tile {BLEND_TILE} halo {halo}")
-        blended[f"{w}/{o}"] = pipeline([raster], semantic_config(UNET_FILE, BLEND_TILE, halo, batch, window=w, overlap=o),
-                                       f"unet-{size}-blend-{w}-{o}")
+    for w, o, precision in BLEND_SETTINGS:
+        log(f"unet: pipeline, {size}^2, blended windows {w} overlap {o}, tile {BLEND_TILE} halo {halo}, {precision}")
+        blended[f"{w}/{o} {precision}"] = pipeline(
+            [raster], semantic_config(UNET_FILE, BLEND_TILE, halo, batch, precision=precision, window=w, overlap=o),
+            f"unet-{size}-blend-{w}-{o}-{precision}")
     log("unet: peer environment (geoai-py)")
     from bench.peer import ensure_peer_venv
 
@@ -404,15 +406,15 @@ def bench_unet(size: int, batches: int) -> dict[str, Any]:
         check("same weights in the model-alone and the peer run (state_dict digest)", same_weights, "", "yes"),
     ]
     for key, run in blended.items():
-        w, o = key.split("/")
-        work = round((int(w) / (int(w) - int(o))) ** 2, 2)
+        wo, precision = key.split()
+        w, o = (int(v) for v in wo.split("/"))
+        work = round((w / (w - o)) ** 2, 2)
         checks += [
-            check(f"blended, window {w} overlap {o} (networks on {work}x the pixels): run() wall",
-                  _get(run, "wall_s"), "s"),
-            check(f"blended {w}/{o} / core crop, run() wall", ratio(_get(run, "wall_s"), geoseg_s), "x"),
-            check(f"geoseg blended {w}/{o} / geoai speed (geoai call s / geoseg run() s)",
+            check(f"blended {key} (networks on {work}x the pixels): run() wall", _get(run, "wall_s"), "s"),
+            check(f"blended {key} / core crop fp32, run() wall", ratio(_get(run, "wall_s"), geoseg_s), "x"),
+            check(f"geoseg blended {key} / geoai speed (geoai call s / geoseg run() s)",
                   ratio(geoai_s, _get(run, "wall_s")), "x"),
-            check(f"blended {w}/{o}: whole-job peak memory", _get(run, "whole_job_peak_mib"), "MiB"),
+            check(f"blended {key}: whole-job peak memory", _get(run, "whole_job_peak_mib"), "MiB"),
         ]
     return {"title": "U-Net ResNet-18: pipeline vs the model alone vs geoai-py", "checks": checks,
             "model_alone": alone, "pipeline": pipe, "pipeline_ray_up": pipe_up, "pipeline_blended": blended,

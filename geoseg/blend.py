@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from geoseg.config import ModelConfig
+from geoseg.config import MeanStdNormalize, ModelConfig
 from geoseg.windows import BlendPlan, HeadWindows
 
 if TYPE_CHECKING:
@@ -111,12 +111,22 @@ def blend_batch(predictor: Predictor, payloads: list[dict[str, Any]], plan: Blen
     predictor.cache.drop_above(plan.key, min(int(p["tile"].read.row_off) for p in payloads))
     for name, (spec, model, positions) in predictor.heads.items():
         hw = plan.heads[name]
+        spec = _with_scale_offset(spec, plan.scale_offsets.get(name))
         needs = [plan.windows(name, p["tile"].read) for p in payloads]
         windows = _head_windows(predictor, payloads, plan, name, needs, spec, model, positions)
         weight_1d = torch.from_numpy(hw.ramp()).to(predictor.device)
         for k, (p, wins) in enumerate(zip(payloads, needs)):
             results[k][name] = _blend_tile(p["tile"], wins, windows, hw, weight_1d, spec, plan.key, name)
     return results
+
+
+def _with_scale_offset(spec: ModelConfig, scale_offset: tuple[float, float] | None) -> ModelConfig:
+    """The head with the input's own (scale, offset) to physical values, where its normalisation
+    works in physical values (mean/std); unchanged otherwise."""
+    if scale_offset is None or not isinstance(spec.normalize, MeanStdNormalize):
+        return spec
+    scale, offset = scale_offset
+    return spec.model_copy(update={"normalize": spec.normalize.model_copy(update={"scale": scale, "offset": offset})})
 
 
 def _head_windows(predictor: Predictor, payloads: list[dict[str, Any]], plan: BlendPlan, name: str,

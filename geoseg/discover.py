@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from geoseg.errors import InputError
+from geoseg.stac_input import is_stac, read_items
 from geoseg.storage import RASTER_SUFFIXES, is_s3, list_rasters
 
 # Names the run itself writes at the top of --out (see geoseg.runlog); a scene may not take them.
@@ -85,7 +86,9 @@ def find_inputs(items: list[str], recursive: bool = False, exclude: str | Path |
     skip = Path(exclude).resolve() if exclude is not None and not is_s3(exclude) else None
     for item in items:
         try:
-            if is_s3(item):
+            if is_stac(item):
+                found.extend(FoundInput(path, output_name(safe_part(it.id))) for path, it in read_items(item))
+            elif is_s3(item):
                 found.extend(_from_s3(item, recursive))
             elif os.path.isdir(item):
                 found.extend(_from_folder(Path(item), recursive, skip))

@@ -37,6 +37,7 @@ from geoseg.lock import RunLock
 from geoseg.discover import FoundInput, clashes, find_inputs
 from geoseg.quicklook import legend
 from geoseg.read import SceneInfo, inspect_scene
+from geoseg.stac_input import is_stac, stac_scene
 from geoseg.report import write_report
 from geoseg.runlog import (
     config_fingerprint,
@@ -140,7 +141,8 @@ def _inspect_inputs(todo: list[tuple[FoundInput, dict[str, Any] | None]], config
     with rasterio.Env(GDAL_CACHEMAX=DRIVER_GDAL_CACHE_MB):
         for item, fingerprint in todo:
             try:
-                info = replace(inspect_scene(item.path, item.name), fingerprint=fingerprint)
+                info = replace(stac_scene(item.path, item.name, config) if is_stac(item.path)
+                               else inspect_scene(item.path, item.name), fingerprint=fingerprint)
                 check_scene(info, config)  # band count, dtype, resolution
                 scenes.append(info)
             except GeosegError as exc:

@@ -43,6 +43,13 @@ class SceneInfo:
     synthetic: bool = False  # written by `geoseg synth` (its SYNTHETIC_TAG)
     warnings: tuple[str, ...] = ()  # for summary.json, set by the driver (e.g. models trained on other imagery)
     acquired: str | None = None  # acquisition time from the input's metadata, if any (acquisition_time)
+    source: str | None = None  # what GDAL opens when not ``path``: a STAC Item's bands as VRT XML
+    scale_offsets: dict[str, tuple[float, float]] | None = None  # per head, the input's own (scale, offset)
+
+    @property
+    def raster(self) -> str:
+        """What GDAL opens to read the scene's pixels."""
+        return self.source or self.path
 
     @property
     def stem(self) -> str:

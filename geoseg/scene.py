@@ -171,7 +171,7 @@ class SceneJob:
         bands = next(iter(self.config.models.values())).bands
         overlays = scene_overlays(self.config, {model: mask.path for model, mask in self.masks.items()})
         try:
-            write_quicklook(self.tmp_dir / name, self.info.path, overlays, bands)
+            write_quicklook(self.tmp_dir / name, self.info.raster, overlays, bands)
         except Exception as exc:  # noqa: BLE001 (any reason: reported, never fatal)
             reason = " ".join(str(exc).split())[:300] or type(exc).__name__
             log.warning("%s: no quicklook (%s)", self.info.path, reason)

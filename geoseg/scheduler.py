@@ -286,7 +286,7 @@ class Scheduler:
         slot.load += 1
         slot.solo = b.solo
         b.slot, b.actor, b.writer = i, slot.actor, scene.writer_actor
-        reads = self.read.remote(scene.info.path, b.tiles, self.config.bands_needed, self.env_ref)
+        reads = self.read.remote(scene.info.raster, b.tiles, self.config.bands_needed, self.env_ref)
         preds = slot.actor.predict.remote(reads, scene.blend_ref)
         results = self.post.remote(preds, self.config_ref, scene.pixel_areas, scene.grid_shape)
         ack = scene.writer_actor.add.remote(scene.index, results, scene.opened)

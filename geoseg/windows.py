@@ -87,6 +87,9 @@ class BlendPlan:
     width: int
     height: int
     heads: dict[str, HeadWindows] = field(default_factory=dict)
+    # Per head, the (scale, offset) from raw values to physical ones that the input itself gives
+    # (a STAC Item's raster:bands): they replace the head's own normalize.scale and offset.
+    scale_offsets: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     def windows(self, head: str, read: Window) -> list[tuple[int, int]]:
         """(row, col) origins of the head's windows that overlap the window ``read``."""
@@ -151,4 +154,4 @@ def blend_plan(config: Any, info: Any, key: str) -> BlendPlan | None:
                 gsd = scene_gsd_m(info.crs_wkt, info.transform, info.width, info.height)
             scale = resample_scale(spec.input.gsd_m, gsd)
         heads[name] = head_windows(tiling.window, tiling.overlap, scale, info.width, info.height)
-    return BlendPlan(key, info.width, info.height, heads)
+    return BlendPlan(key, info.width, info.height, heads, dict(getattr(info, "scale_offsets", None) or {}))

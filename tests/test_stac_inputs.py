@@ -1,0 +1,124 @@
+"""STAC Items as inputs: the sen2ships band files (one GeoTIFF per band) described by Items that the
+tests write with pystac, run without stacking them by hand."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pystac
+import pytest
+import rasterio
+import rasterio.warp
+from rasterio.enums import Resampling
+
+from geoseg.config import config_from_dict, load_config
+from geoseg.pipeline import run
+from geoseg.stac_input import item_vrt, load_item
+
+REPO = Path(__file__).resolve().parents[1]
+CLOUDS = REPO / "configs" / "sentinel2-clouds.yaml"
+COMMON = {"B02": "blue", "B03": "green", "B04": "red", "B08": "nir", "B11": "swir16"}
+
+
+def _item(folder: Path, item_id: str, files: dict[str, Path], scale: float = 0.0001, offset: float = 0.0) -> pystac.Item:
+    """An Item with one asset per band file: STAC 1.0 eo:bands (name, common name) and raster:bands."""
+    with rasterio.open(next(iter(files.values()))) as ds:
+        bounds = rasterio.warp.transform_bounds(ds.crs, "EPSG:4326", *ds.bounds)
+    geometry = {"type": "Polygon", "coordinates": [[[bounds[0], bounds[1]], [bounds[2], bounds[1]], [bounds[2], bounds[3]],
+                                                    [bounds[0], bounds[3]], [bounds[0], bounds[1]]]]}
+    item = pystac.Item(item_id, geometry, list(bounds), datetime(2023, 7, 30, 10, 56, tzinfo=timezone.utc), {})
+    for band, path in files.items():
+        item.add_asset(band, pystac.Asset(str(path), media_type=pystac.MediaType.GEOTIFF, roles=["data"], extra_fields={
+            "eo:bands": [{"name": band, "common_name": COMMON[band]}],
+            "raster:bands": [{"scale": scale, "offset": offset, "data_type": "uint16"}]}))
+    item.set_self_href(str(folder / f"{item_id}.json"))
+    return item
+
+
+@pytest.fixture(scope="module")
+def cartagena(shared_data, tmp_path_factory) -> dict[str, Path]:
+    pytest.importorskip("ukis_csmask")
+    from helpers.sentinel2 import band_files, stack
+
+    d = tmp_path_factory.mktemp("stac")
+    files = dict(zip(("B02", "B03", "B04", "B08"), band_files(shared_data, "cartagena")))
+    files["B11"] = next((shared_data / "sen2ships" / "cartagena").glob("*L2A_B11_*.tif*"))
+    return {"dir": d, "stack": stack(shared_data, "cartagena", d / "stacked.tif"), **files}
+
+
+def test_item_runs_like_the_bands_stacked_by_hand(ray_session, cartagena, tmp_path):
+    """configs/sentinel2-clouds.yaml on an Item of the four band files: the mask equals that of the
+    same bands stacked into one GeoTIFF on >= 99.9 % of pixels, on the same grid; the Item's id names
+    the output folder and its datetime the STAC output's."""
+    files = {b: cartagena[b] for b in ("B02", "B03", "B04", "B08")}
+    item = _item(tmp_path, "S2A_cartagena_20230730", files)
+    item.save_object(include_self_link=True)
+    config = load_config(CLOUDS)
+    by_hand = run([str(cartagena["stack"])], tmp_path / "hand", config, progress=False)
+    from_item = run([item.get_self_href()], tmp_path / "item", config, progress=False)
+    assert by_hand.ok and from_item.ok, (by_hand.failures, from_item.failures)
+    with rasterio.open(tmp_path / "hand" / "stacked" / "stacked_clouds.tif") as a, \
+            rasterio.open(tmp_path / "item" / "S2A_cartagena_20230730" / "S2A_cartagena_20230730_clouds.tif") as b:
+        assert (a.transform, a.crs, a.shape) == (b.transform, b.crs, b.shape)
+        share = float(np.mean(a.read(1) == b.read(1)))
+    print(f"Item vs stacked by hand: {share:.4%} of pixels equal")
+    assert share >= 0.999
+    stac_out = json.loads((tmp_path / "item" / "S2A_cartagena_20230730" / "S2A_cartagena_20230730.stac.json").read_text())
+    assert stac_out["properties"]["datetime"].startswith("2023-07-30T10:56")
+
+
+def test_a_coarser_band_is_resampled_onto_the_finest_grid(cartagena, tmp_path):
+    """B11 written at 20 m by the test (2 x 2 average) beside the 10 m bands: the VRT puts it on the
+    10 m grid (bilinear), close to the real 10 m B11; the Item's scale and offset go to the head."""
+    with rasterio.open(cartagena["B11"]) as ds:
+        profile, full = ds.profile, ds.read(1)
+        h, w = ds.height // 2, ds.width // 2
+        coarse = ds.read(1, out_shape=(h, w), resampling=Resampling.average,
+                         window=rasterio.windows.Window(0, 0, w * 2, h * 2))
+        profile.update(width=w, height=h, transform=ds.transform * ds.transform.scale(2, 2))
+    b11_20m = tmp_path / "B11_20m.tif"
+    with rasterio.open(b11_20m, "w", **profile) as out:
+        out.write(coarse, 1)
+    files = {b: cartagena[b] for b in ("B02", "B03", "B04")} | {"B11": b11_20m}
+    item = _item(tmp_path, "mixed", files, offset=-0.1)
+    head = {"task": "semantic", "classes": ["a", "b"], "bands": [1, 2, 3, 4], "factory": "x.py:y",
+            "normalize": {"mean": [0, 0, 0, 0], "std": [1, 1, 1, 1], "scale": 0.0001},
+            "input": {"names": ["blue", "green", "red", "swir16"]}}
+    config = config_from_dict({"models": {"m": head}})
+    vrt, scale_offsets = item_vrt("mixed.json", item, config)
+    assert scale_offsets == {"m": (0.0001, -0.1)}
+    with rasterio.open(vrt) as ds, rasterio.open(cartagena["B02"]) as ref:
+        assert (ds.count, ds.transform, ds.shape) == (4, ref.transform, ref.shape)
+        swir = ds.read(4).astype(float)
+    inner = (slice(2, 2 * h - 2), slice(2, 2 * w - 2))  # away from the edges the 20 m band does not cover
+    error = np.abs(swir[inner] - full[inner]) / np.maximum(full[inner], 1)
+    print(f"B11 from 20 m vs the real 10 m: median relative error {np.median(error):.3%}")
+    assert np.median(error) < 0.05
+
+
+def test_item_without_a_band_fails_with_its_name_and_the_bands_it_has(ray_session, cartagena, tmp_path):
+    files = {b: cartagena[b] for b in ("B02", "B03", "B04")}
+    collection = pystac.ItemCollection([_item(tmp_path, "no_nir", files),
+                                        _item(tmp_path, "all_four", files | {"B08": cartagena["B08"]})])
+    path = tmp_path / "items.json"
+    collection.save_object(str(path))
+    report = run([str(path)], tmp_path / "out", load_config(CLOUDS), progress=False)
+    assert [p for p, _ in report.failures] == [f"{path}#no_nir"]
+    error = report.failures[0][1]
+    assert error == (f"{path}#no_nir: Item no_nir has no band 'nir' (its bands: blue, green, red); map the models' "
+                     "bands to its assets or use another Item")
+    assert [s["output"] for s in report.summaries] == ["all_four"]
+    assert load_item(f"{path}#all_four").id == "all_four"
+
+
+def test_item_whose_file_is_missing_names_the_href(ray_session, cartagena, tmp_path):
+    files = {b: cartagena[b] for b in ("B02", "B03", "B04")} | {"B08": tmp_path / "gone" / "B08.tif"}
+    item = _item(tmp_path, "broken", files)
+    item.save_object(include_self_link=True)
+    report = run([item.get_self_href()], tmp_path / "out", load_config(CLOUDS), progress=False)
+    (path, error), = report.failures
+    assert path == item.get_self_href() and "band 'nir': cannot read" in error and str(tmp_path / "gone" / "B08.tif") in error
+    assert "\n" not in error and not (tmp_path / "out" / "broken").exists()
