@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-ORDER = ("trivial", "floor", "unet", "driver_cpu", "start", "worldcover", "instances", "small_scenes", "gpu")
+ORDER = ("trivial", "floor", "unet", "driver_cpu", "start", "worldcover", "instances", "small_scenes", "precision", "gpu")
 
 
 def _v(x: Any) -> str:
