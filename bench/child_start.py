@@ -1,6 +1,6 @@
 """Start-up as a user meets it (a subprocess of ``bench.run``): what ``geoseg run IMAGE --out DIR -q`` does.
 
-Loads ``configs/default.yaml`` with ``load_config`` and calls ``geoseg.pipeline.run(...,
+Loads the ``--config`` (``bench.run``: ``configs/synthetic.yaml``) with ``load_config`` and calls ``geoseg.pipeline.run(...,
 progress=False)`` exactly as the CLI does (``-q``); ``run`` starts the local Ray itself. Times are
 counted from this process's start (``/proc/self/stat``), so interpreter start and imports count:
 

@@ -162,9 +162,9 @@ def test_cloud_masks_agree_with_ukis_csmask(ray_session, stacks, tmp_path, city,
 
 
 def test_absurd_resampling_is_refused_with_the_limit_to_raise(ray_session, shared_data, tmp_path):
-    """The default land-use model works at 1 m; rasterio's RGB.byte.tif has 300 m pixels."""
+    """The synthetic land-use model works at 1 m; rasterio's RGB.byte.tif has 300 m pixels."""
     src = shared_data / "rasterio" / "RGB.byte.tif"
-    report = run([str(src)], tmp_path, load_config(REPO / "configs" / "default.yaml"), progress=False)
+    report = run([str(src)], tmp_path, load_config(REPO / "configs" / "synthetic.yaml"), progress=False)
     assert not report.ok
     (path, error), = report.failures
     assert path == str(src) and "\n" not in error
@@ -296,14 +296,14 @@ def test_window_cache_stays_bounded_and_forgets_rows_above():
 
 
 def test_trained_networks_give_the_same_objects_at_any_tiling(ray_session, tmp_path):
-    """The default config's trained U-Nets (not context-free) on a synthetic scene at two tilings:
+    """The synthetic config's trained U-Nets (not context-free) on a synthetic scene at two tilings:
     land use byte-equal, the same objects (same polygons, ids up to renumbering), the same counts."""
     from geoseg.synth import write_scene
     from helpers.outputs import same_instances, wkb_set
 
     scene = tmp_path / "scene.tif"
     write_scene(scene, size=700, seed=12)
-    config = REPO / "configs" / "default.yaml"
+    config = REPO / "configs" / "synthetic.yaml"
     for tiling in ({"tile_size": 1024}, {"tile_size": 192, "halo": 8}):
         report = run([str(scene)], tmp_path / f"out{tiling['tile_size']}", load_config(config, {"tiling": tiling}),
                      progress=False)

@@ -18,6 +18,7 @@ from types import SimpleNamespace
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+SYNTHETIC_CONFIG = REPO / "configs" / "synthetic.yaml"  # the models trained on geoseg synth scenes only
 MODELS = sorted(p.parent for p in (REPO / "models").glob("*/geoseg.json"))
 SYNTH_ONLY = "trained only on synthetic scenes (geoseg synth)"
 
@@ -35,11 +36,13 @@ def test_every_model_declares_what_it_was_trained_on(model_dir):
     assert spec.trained_on is not None and spec.trained_on.imagery == trained_on["imagery"]
 
 
-def test_default_config_heads_are_synthetic_only():
+def test_default_config_is_real_and_the_synthetic_one_synthetic():
     from geoseg.api import DEFAULT_CONFIG
     from geoseg.config import load_config
 
     config = load_config(DEFAULT_CONFIG)
+    assert {n: s.trained_on.imagery for n, s in config.models.items()} == {"landuse": "real", "buildings": "real"}
+    config = load_config(SYNTHETIC_CONFIG)
     assert {n: s.trained_on.imagery for n, s in config.models.items()} == dict.fromkeys(config.models, "synthetic")
 
 
@@ -63,11 +66,10 @@ def _info(name: str, synthetic: bool) -> SimpleNamespace:
 
 
 def test_imagery_warning_names_the_models_and_the_real_inputs():
-    from geoseg.api import DEFAULT_CONFIG
     from geoseg.config import load_config
     from geoseg.contract import imagery_warning
 
-    config = load_config(DEFAULT_CONFIG)
+    config = load_config(SYNTHETIC_CONFIG)
     assert imagery_warning(config, [_info("a.tif", True), _info("b.tif", True)]) is None
     run, scene = imagery_warning(config, [_info("a.tif", True), _info("cogeo.tif", False)])
     assert run == ("models landuse, buildings, ships were trained only on synthetic scenes (geoseg synth); 1 input "
@@ -76,7 +78,7 @@ def test_imagery_warning_names_the_models_and_the_real_inputs():
     assert SYNTH_ONLY in scene and "this raster is not one" in scene
     run, _ = imagery_warning(config, [_info(f"{i}.tif", False) for i in range(5)])
     assert "5 inputs are real imagery (0.tif, 1.tif, 2.tif and 2 more)" in run
-    real = load_config(DEFAULT_CONFIG).model_copy(update={"models": {
+    real = load_config(SYNTHETIC_CONFIG).model_copy(update={"models": {
         "ships": config.models["ships"].model_copy(update={"trained_on": None})}})
     assert imagery_warning(real, [_info("cogeo.tif", False)]) is None  # unknown training data: no claim
 
@@ -124,8 +126,8 @@ def test_quiet_cli_still_shows_the_run_warnings(monkeypatch, tmp_path):
     assert "warning: models x were trained only on synthetic scenes" in result.stderr
 
 
-def test_default_config_on_real_imagery_warns_once(shared_data, tmp_path):
-    """``geoseg run`` with the default config on a real aerial image (rasterio's cogeo.tif): one warning
+def test_synthetic_config_on_real_imagery_warns_once(shared_data, tmp_path):
+    """``geoseg run`` with the synthetic models on a real aerial image (rasterio's cogeo.tif): one warning
     on stderr, recorded in the scene's summary.json and the run record. Run as a user runs it: a
     subprocess without RAY_AUTH_MODE (its own HOME, for the token Ray writes), so that the local Ray
     it starts would print Ray's token-authentication warning if geoseg did not ask for token auth."""
@@ -135,7 +137,8 @@ def test_default_config_on_real_imagery_warns_once(shared_data, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
     env["HOME"] = str(tmp_path / "home")
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "geoseg.cli.main", "run", str(scene), "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "geoseg.cli.main", "run", str(scene), "--out", str(out),
+                           "--config", str(SYNTHETIC_CONFIG)],
                           capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if SYNTH_ONLY in ln]
@@ -152,8 +155,7 @@ def test_default_config_on_real_imagery_warns_once(shared_data, tmp_path):
     assert record["warnings"] == [lines[0].removeprefix("WARNING geoseg: ")]
 
 
-def test_default_config_on_a_synth_scene_does_not_warn(ray_session, tmp_path, caplog):
-    from geoseg.api import DEFAULT_CONFIG
+def test_synthetic_config_on_a_synth_scene_does_not_warn(ray_session, tmp_path, caplog):
     from geoseg.config import load_config
     from geoseg.pipeline import run
     from geoseg.synth import write_scene
@@ -161,7 +163,7 @@ def test_default_config_on_a_synth_scene_does_not_warn(ray_session, tmp_path, ca
     scene = tmp_path / "synth.tif"
     write_scene(scene, size=256, seed=1)
     with caplog.at_level(logging.WARNING, logger="geoseg"):
-        report = run([str(scene)], tmp_path / "out", load_config(DEFAULT_CONFIG), progress=False)
+        report = run([str(scene)], tmp_path / "out", load_config(SYNTHETIC_CONFIG), progress=False)
     assert report.ok and report.warnings == []
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
     assert json.loads((tmp_path / "out" / "synth" / "summary.json").read_text())["warnings"] == []
