@@ -122,3 +122,27 @@ def test_item_whose_file_is_missing_names_the_href(ray_session, cartagena, tmp_p
     (path, error), = report.failures
     assert path == item.get_self_href() and "band 'nir': cannot read" in error and str(tmp_path / "gone" / "B08.tif") in error
     assert "\n" not in error and not (tmp_path / "out" / "broken").exists()
+
+
+def test_sentinel2_config_runs_ships_and_clouds_on_an_item(ray_session, shared_data, tmp_path):
+    """configs/sentinel2.yaml (ships at 10 m, clouds at 30 m) on Honolulu's four band files as an
+    Item: both masks on the 10 m grid, the ships counted, the cloud cover reported."""
+    pytest.importorskip("ukis_csmask")
+    from helpers.sentinel2 import band_files
+
+    files = dict(zip(("B02", "B03", "B04", "B08"), band_files(shared_data, "honolulu")))
+    item = _item(tmp_path, "honolulu", files)
+    item.save_object(include_self_link=True)
+    report = run([item.get_self_href()], tmp_path / "out", load_config(REPO / "configs" / "sentinel2.yaml"), progress=False)
+    assert report.ok, report.failures
+    out = tmp_path / "out" / "honolulu"
+    summary = json.loads((out / "summary.json").read_text())
+    import geopandas as gpd
+
+    ships = gpd.read_file(out / "honolulu.gpkg", layer="ships")
+    assert summary["models"]["ships"]["classes"]["ship"]["count"] == len(ships) and summary["cloud_model"] == "clouds"
+    assert summary["cloud_cover"] < 5  # a clear day over Honolulu
+    with rasterio.open(files["B02"]) as ref:
+        for head in ("ships", "clouds"):
+            with rasterio.open(out / f"honolulu_{head}.tif") as ds:
+                assert (ds.transform, ds.shape) == (ref.transform, ref.shape), head
