@@ -31,7 +31,7 @@ def test_config_arguments_and_overrides(oracle_config_path):
     from_path = resolve_config(oracle_config_path)
     from_dict = resolve_config(yaml.safe_load(oracle_config_path.read_text()))
     assert from_dict.models == from_path.models and resolve_config(from_path) is from_path
-    assert resolve_config(None).models["ships"].weights  # the packaged default config
+    assert resolve_config(None).models["buildings"].weights  # the packaged default config (aerial models)
     changed = with_overrides(from_path, {"tile_size": 256, "halo": 16, "batch_size": 2, "device": "cpu"})
     assert (changed.tiling.tile_size, changed.tiling.halo, changed.runtime.batch_size, changed.runtime.device) == (
         256, 16, 2, "cpu")
