@@ -92,7 +92,7 @@ def _read_image(paths: list[Path], bands: list[int], spec: SceneSpec | None = No
                 else:
                     arrays.append(ds.read(out_shape=(ds.count, *out), resampling=Resampling.average))
                     masks.append(ds.read_masks(out_shape=(ds.count, *out), resampling=Resampling.nearest) > 0)
-                    tr = ds.transform * Affine.scale(ds.width / out[1], ds.height / out[0])
+                    tr = ds.transform @ Affine.scale(ds.width / out[1], ds.height / out[0])
                 if transform is None:
                     transform, crs, shape = tr, ds.crs, arrays[-1].shape[1:]
                 elif arrays[-1].shape[1:] != shape:
