@@ -45,6 +45,7 @@ class SceneInfo:
     acquired: str | None = None  # acquisition time from the input's metadata, if any (acquisition_time)
     source: str | None = None  # what GDAL opens when not ``path``: a STAC Item's bands as VRT XML
     scale_offsets: dict[str, tuple[float, float]] | None = None  # per head, the input's own (scale, offset)
+    derived_from: dict[str, Any] | None = None  # a STAC input: its href and the properties outputs copy
 
     @property
     def raster(self) -> str:

@@ -237,6 +237,16 @@ def scene_item(folder: Path, info: SceneInfo, config: Config, collection: str,
         if (stamp or {}).get(key):
             item.properties[f"geoseg:{key}"] = stamp[key]  # type: ignore[index]
     item.stac_extensions.append(PROCESSING_EXTENSION)
+    source = info.derived_from
+    if source is not None:  # a STAC Item input: its lineage (geoseg.stac_input)
+        item.add_link(pystac.Link("derived_from", source["href"], media_type=pystac.MediaType.JSON,
+                                  title=f"input Item {source['id']}"))
+        props = dict(source["properties"])
+        if "eo:cloud_cover" in props:
+            item.properties["geoseg:input_cloud_cover"] = props.pop("eo:cloud_cover")
+            if cloud_cover is None:  # no cloud model ran: the input's own figure is the scene's
+                EOExtension.ext(item, add_if_missing=True).cloud_cover = float(item.properties["geoseg:input_cloud_cover"])
+        item.properties.update(props)
     if cloud_cover is not None:
         EOExtension.ext(item, add_if_missing=True).cloud_cover = float(cloud_cover)
         if shadow_cover is not None:

@@ -217,4 +217,11 @@ def stac_scene(path: str, name: str, config: Any) -> Any:
     except InputError as exc:
         raise InputError(path, exc.problem) from None
     acquired = item.datetime.isoformat() if item.datetime else None
-    return replace(info, path=path, source=vrt, scale_offsets=scale_offsets or None, acquired=acquired)
+    copied = {k: item.properties[k] for k in LINEAGE_PROPERTIES if k in item.properties}
+    lineage = {"href": item.get_self_href() or path.partition(ITEM_SEPARATOR)[0], "id": item.id, "properties": copied}
+    return replace(info, path=path, source=vrt, scale_offsets=scale_offsets or None, acquired=acquired,
+                   derived_from=lineage)
+
+
+# Properties of an input Item that its output Item repeats (its eo:cloud_cover as geoseg:input_cloud_cover).
+LINEAGE_PROPERTIES = ("platform", "constellation", "instruments", "eo:cloud_cover")

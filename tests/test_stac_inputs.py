@@ -55,6 +55,7 @@ def test_item_runs_like_the_bands_stacked_by_hand(ray_session, cartagena, tmp_pa
     the output folder and its datetime the STAC output's."""
     files = {b: cartagena[b] for b in ("B02", "B03", "B04", "B08")}
     item = _item(tmp_path, "S2A_cartagena_20230730", files)
+    item.properties.update({"platform": "sentinel-2a", "constellation": "sentinel-2", "eo:cloud_cover": 12.5})
     item.save_object(include_self_link=True)
     config = load_config(CLOUDS)
     by_hand = run([str(cartagena["stack"])], tmp_path / "hand", config, progress=False)
@@ -66,8 +67,16 @@ def test_item_runs_like_the_bands_stacked_by_hand(ray_session, cartagena, tmp_pa
         share = float(np.mean(a.read(1) == b.read(1)))
     print(f"Item vs stacked by hand: {share:.4%} of pixels equal")
     assert share >= 0.999
-    stac_out = json.loads((tmp_path / "item" / "S2A_cartagena_20230730" / "S2A_cartagena_20230730.stac.json").read_text())
-    assert stac_out["properties"]["datetime"].startswith("2023-07-30T10:56")
+    out = tmp_path / "item" / "S2A_cartagena_20230730"
+    stac_out = json.loads((out / "S2A_cartagena_20230730.stac.json").read_text())
+    props = stac_out["properties"]
+    assert props["datetime"].startswith("2023-07-30T10:56")
+    # Lineage: a link to the input Item, its platform and constellation; its own cloud cover kept apart
+    # from the one geoseg measured.
+    assert [link["href"] for link in stac_out["links"] if link["rel"] == "derived_from"] == [item.get_self_href()]
+    assert (props["platform"], props["constellation"], props["geoseg:input_cloud_cover"]) == ("sentinel-2a", "sentinel-2", 12.5)
+    measured = json.loads((out / "summary.json").read_text())["cloud_cover"]
+    assert props["eo:cloud_cover"] == pytest.approx(measured) and measured != 12.5
 
 
 def test_a_coarser_band_is_resampled_onto_the_finest_grid(cartagena, tmp_path):
