@@ -55,7 +55,12 @@ def is_current(summary: dict[str, Any] | None, path: str, fingerprint: dict[str,
 
 def input_fingerprint(path: str) -> dict[str, Any] | None:
     """What identifies an input's bytes without reading them: size and mtime of a file, size and
-    ETag of an S3 object; None where neither is known (the input is then always processed)."""
+    ETag of an S3 object; None where neither is known (the input is then always processed). A STAC
+    Item: its ``updated`` time and its assets' fingerprints (``geoseg.stac_input.item_fingerprint``)."""
+    from geoseg.stac_input import is_stac, item_fingerprint  # (stac_input imports this module)
+
+    if is_stac(path):
+        return item_fingerprint(path)
     if is_s3(path) or path.startswith("/vsis3/"):
         return object_info(path)
     try:

@@ -225,3 +225,21 @@ def stac_scene(path: str, name: str, config: Any) -> Any:
 
 # Properties of an input Item that its output Item repeats (its eo:cloud_cover as geoseg:input_cloud_cover).
 LINEAGE_PROPERTIES = ("platform", "constellation", "instruments", "eo:cloud_cover")
+
+
+def item_fingerprint(path: str) -> dict[str, Any] | None:
+    """What identifies an Item input's content without reading pixels: its ``updated`` time and each
+    asset's size and mtime (local) or size and ETag (S3). None where an asset says neither (an
+    ``https://`` asset): the Item is then always processed."""
+    from geoseg.runlog import input_fingerprint
+
+    item = load_item(path)
+    assets = {}
+    for key, asset in sorted(item.assets.items()):
+        href = asset.get_absolute_href() or asset.href
+        if "://" in href and not href.startswith("s3://"):
+            return None
+        assets[key] = input_fingerprint(href)
+        if assets[key] is None:
+            return None
+    return {"updated": item.properties.get("updated"), "assets": assets}

@@ -155,3 +155,24 @@ def test_sentinel2_config_runs_ships_and_clouds_on_an_item(ray_session, shared_d
         for head in ("ships", "clouds"):
             with rasterio.open(out / f"honolulu_{head}.tif") as ds:
                 assert (ds.transform, ds.shape) == (ref.transform, ref.shape), head
+
+
+def test_items_done_are_skipped_and_an_updated_item_is_redone(ray_session, cartagena, tmp_path):
+    """Nightly runs over an ItemCollection: the second run skips both Items; after one Item's
+    `updated` time changes, the third run redoes that Item only."""
+    files = {b: cartagena[b] for b in ("B02", "B03", "B04", "B08")}
+    items = [_item(tmp_path, name, files) for name in ("first", "second")]
+    for item in items:
+        item.properties["updated"] = "2023-07-31T00:00:00Z"
+    path = tmp_path / "items.json"
+    pystac.ItemCollection(items).save_object(str(path))
+    config = load_config(CLOUDS, {"tiling": {"window": 128, "overlap": 32}})  # (faster: the grid is not under test)
+    first = run([str(path)], tmp_path / "out", config, progress=False)
+    assert first.ok and first.processed == 2 and first.skipped == 0, first.failures
+    again = run([str(path)], tmp_path / "out", config, progress=False)
+    assert again.processed == 0 and again.skipped == 2
+    items[1].properties["updated"] = "2023-08-02T00:00:00Z"
+    pystac.ItemCollection(items).save_object(str(path))
+    third = run([str(path)], tmp_path / "out", config, progress=False)
+    assert third.processed == 1 and third.skipped == 1
+    assert [s["output"] for s in third.summaries if s["run"] == third.run_id] == ["second"]
