@@ -16,7 +16,6 @@ reads it); each Item of a collection is an input named ``<file>#<item id>``.
 from __future__ import annotations
 
 import html
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -196,12 +195,6 @@ def _scale_offsets(path: str, config: Any, sources: dict[int, BandSource]) -> di
 def _gdal_type(dtype: str) -> str:
     return {"uint8": "Byte", "uint16": "UInt16", "int16": "Int16", "uint32": "UInt32", "int32": "Int32",
             "float32": "Float32", "float64": "Float64"}.get(dtype, "Float32")
-
-
-def item_name(path: str, item: pystac.Item) -> str:
-    """An Item input's output folder name: its id."""
-    del path
-    return item.id or os.path.basename(item.get_self_href() or "item")
 
 
 def stac_scene(path: str, name: str, config: Any) -> Any:
