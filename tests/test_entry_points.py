@@ -179,10 +179,13 @@ def test_manifests_run_the_readme_entry_point():
     for name, spec in specs.items():
         assert spec["entrypoint"] == documented, name
     assert specs["raycronjob.yaml"] == specs["rayjob.yaml"], "the RayCronJob's jobTemplate must be the RayJob's spec"
-    # The README's local run and the manifests run the same script with the same arguments (paths differ).
+    # The README's local run and the manifests run the same script with the same arguments (paths
+    # differ); the README's run names the synthetic config too (its scene is synthetic), the
+    # manifests take the packaged default.
     local = shlex.split(_submit_entrypoint(_readme_cluster_block()))
     cluster = shlex.split(documented)
-    assert local[:2] == cluster[:2] == ["bash", "jobs/nightly.sh"] and len(local) == len(cluster)
+    assert local[:2] == cluster[:2] == ["bash", "jobs/nightly.sh"] and len(local) == len(cluster) + 1
+    assert local[-1] == "configs/synthetic.yaml"
     assert (REPO / cluster[1]).is_file()
 
 
