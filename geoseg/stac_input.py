@@ -15,7 +15,9 @@ reads it); each Item of a collection is an input named ``<file>#<item id>``.
 
 from __future__ import annotations
 
+import functools
 import html
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +38,22 @@ def is_stac(path: str) -> bool:
 
 def read_items(href: str) -> list[tuple[str, pystac.Item]]:
     """The Items a STAC document holds, each with the input path that names it: the file for an
-    Item, ``<file>#<id>`` for the Items of an ItemCollection, a Collection or a Catalog."""
+    Item, ``<file>#<id>`` for the Items of an ItemCollection, a Collection or a Catalog. A local
+    file is read once while it is unchanged (a run looks each Item up several times)."""
+    try:
+        st = os.stat(href)
+    except OSError:
+        return _read_items(href)
+    return _read_items_of_file(href, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_items_of_file(href: str, size: int, mtime_ns: int) -> list[tuple[str, pystac.Item]]:
+    del size, mtime_ns  # the cache key: a changed file is read again
+    return _read_items(href)
+
+
+def _read_items(href: str) -> list[tuple[str, pystac.Item]]:
     try:
         obj: Any = pystac.read_file(href) if _has_type(href) else pystac.ItemCollection.from_file(href)
     except Exception as exc:  # noqa: BLE001 (pystac raises many kinds; one line names the file)
