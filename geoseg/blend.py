@@ -114,9 +114,10 @@ def blend_batch(predictor: Predictor, payloads: list[dict[str, Any]], plan: Blen
         spec = _with_scale_offset(spec, plan.scale_offsets.get(name))
         needs = [plan.windows(name, p["tile"].read) for p in payloads]
         windows = _head_windows(predictor, payloads, plan, name, needs, spec, model, positions)
-        weight_1d = torch.from_numpy(hw.ramp()).to(predictor.device)
+        ramp = torch.from_numpy(hw.ramp()).to(predictor.device)
+        weight = ramp[:, None] * ramp[None, :]  # one window's weights, side x side
         for k, (p, wins) in enumerate(zip(payloads, needs)):
-            results[k][name] = _blend_tile(p["tile"], wins, windows, hw, weight_1d, spec, plan.key, name)
+            results[k][name] = _blend_tile(p["tile"], wins, windows, hw, weight, spec, plan.key, name)
     return results
 
 
@@ -186,12 +187,12 @@ def _tile_context(payload: dict[str, Any], wins: list[tuple[int, int]], hw: Head
 
 
 def _blend_tile(tile: Any, wins: list[tuple[int, int]], windows: dict[WindowKey, torch.Tensor], hw: HeadWindows,
-                weight_1d: torch.Tensor, spec: ModelConfig, scene_key: str, name: str) -> np.ndarray:
+                window_weight: torch.Tensor, spec: ModelConfig, scene_key: str, name: str) -> np.ndarray:
     """The weighted mean of the tile's windows over its read window, cropped as the head returns it."""
     read = tile.read
     r0, c0, h, w = int(read.row_off), int(read.col_off), int(read.height), int(read.width)
     total: torch.Tensor | None = None
-    weight_sum = torch.zeros((h, w), dtype=torch.float32, device=weight_1d.device)
+    weight_sum = torch.zeros((h, w), dtype=torch.float32, device=window_weight.device)
     for r, c in wins:
         probs = windows[(scene_key, name, r, c)].float() / 255.0
         if hw.resampled:
@@ -199,8 +200,7 @@ def _blend_tile(tile: Any, wins: list[tuple[int, int]], windows: dict[WindowKey,
         # The part of the window inside the read window, in both frames.
         y0, y1 = max(r, r0), min(r + hw.side, r0 + h)
         x0, x1 = max(c, c0), min(c + hw.side, c0 + w)
-        wy, wx = weight_1d[y0 - r : y1 - r], weight_1d[x0 - c : x1 - c]
-        weight = wy[:, None] * wx[None, :]
+        weight = window_weight[y0 - r : y1 - r, x0 - c : x1 - c]
         part = probs[:, y0 - r : y1 - r, x0 - c : x1 - c] * weight
         if total is None:
             total = torch.zeros((probs.shape[0], h, w), dtype=torch.float32, device=weight.device)
