@@ -60,17 +60,24 @@ class _Scene:
         self.attempt = 0
         self.reset()
 
+    def open_blend(self) -> None:
+        """Make the scene's window grids for this attempt; their key names its windows in the model
+        actors' caches."""
+        self.blend = blend_plan(self.config, self.info, f"{self.run_id}/{self.index}/{self.attempt}")
+
+    def _tiles(self) -> Iterator[Tile]:
+        """The scene's tiles, each with the context its windows need (drawn after the scene opened)."""
+        for tile in plan_tiles(self.info.width, self.info.height, self.tile_size, self.halo, scene=self.index):
+            yield tile if self.blend is None else dataclasses.replace(tile, context=self.blend.context(tile.read))
+
     def reset(self) -> None:
         """(Re)start from the first tile, on no writer yet."""
         self.attempt += 1
-        # The scene's window grids (None: each tile is one window); the key names its windows in
-        # the model actors' caches, for this attempt only.
-        self.blend: BlendPlan | None = blend_plan(self.config, self.info, f"{self.run_id}/{self.index}/{self.attempt}")
-        self.blend_ref: Any = None  # put in the object store when the scene opens
-        tiles = plan_tiles(self.info.width, self.info.height, self.tile_size, self.halo, scene=self.index)
-        plan = self.blend
-        self.tiles: Iterator[Tile] = (tiles if plan is None else
-                                      (dataclasses.replace(t, context=plan.context(t.read)) for t in tiles))
+        # The scene's window grids (None: each tile is one window), made when the scene opens, and
+        # their ref in the object store.
+        self.blend: BlendPlan | None = None
+        self.blend_ref: Any = None
+        self.tiles: Iterator[Tile] = self._tiles()
         self.writer: int | None = None  # index in the writer pool
         self.writer_actor: Any = None  # the writer itself (a replacement may take its index later)
         self.opened: Any = None  # ref of the writer's open(): later calls wait for it
@@ -260,6 +267,7 @@ class Scheduler:
             # the whole scale, the post-processing tasks the recipe of their tiles' pixel areas.
             scene.scale = ground_scale(info.crs_wkt, info.transform, info.width, info.height)
             scene.pixel_areas = ray.put(scene.scale.pixel_areas)
+        scene.open_blend()
         scene.blend_ref = None if scene.blend is None else ray.put(scene.blend)
         resume = self._resumable(scene)
         scene.opened = scene.writer_actor.open.remote(scene.index, info, self.stamp, scene.scale, resume)
