@@ -55,7 +55,7 @@ def buildings(work: Path) -> dict[str, Any]:
     from rasterio.enums import Resampling
 
     from geoseg.config import config_from_dict
-    from geoseg.evaluate import match_polygons
+    from geoseg.evaluate import match_polygons, on_imagery
     from geoseg.pipeline import run
 
     image = SHARED / "hotosm_buildings" / "nairobi.tif"
@@ -74,22 +74,13 @@ def buildings(work: Path) -> dict[str, Any]:
     report = run([str(src)], work / "out", config, progress=False)
     assert report.ok, report.failures
     with rasterio.open(src) as ds:
-        crs, bounds, valid, inv = ds.crs, ds.bounds, ds.dataset_mask(), ~ds.transform
+        crs, bounds, valid, transform = ds.crs, ds.bounds, ds.dataset_mask(), ds.transform
     truth = gpd.read_file(SHARED / "hotosm_buildings" / "nairobi_buildings.geojson").to_crs(crs).clip(bounds)
     found = gpd.read_file(work / "out" / src.stem / f"{src.stem}.gpkg", layer="buildings")
 
-    def on_imagery(frame: gpd.GeoDataFrame) -> list[Any]:
-        keep = []
-        for geom in frame.geometry:
-            if geom is None or geom.is_empty:
-                continue
-            col, row = inv * (geom.centroid.x, geom.centroid.y)
-            if 0 <= int(row) < valid.shape[0] and 0 <= int(col) < valid.shape[1] and valid[int(row), int(col)]:
-                keep.append(geom)
-        return keep
-
     recorded = json.loads((REPO / "models" / "aerial-buildings" / "geoseg.json").read_text())["metrics"]
-    return {"run": match_polygons(on_imagery(found), on_imagery(truth), 0.5), "evaluate": recorded["objects"]}
+    scores = match_polygons(on_imagery(found.geometry, valid, transform), on_imagery(truth.geometry, valid, transform), 0.5)
+    return {"run": scores, "evaluate": recorded["objects"]}
 
 
 def main() -> None:

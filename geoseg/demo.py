@@ -103,26 +103,15 @@ def _print_real_scores(gpkg: Path, scene: Path) -> None:
     import geopandas as gpd
     import rasterio
 
-    from geoseg.evaluate import match_polygons
+    from geoseg.evaluate import match_polygons, on_imagery
 
     if not gpkg.exists():
         return
     with rasterio.open(scene) as ds:
-        crs, bounds, mask, inv = ds.crs, ds.bounds, ds.dataset_mask(), ~ds.transform
+        crs, bounds, mask, transform = ds.crs, ds.bounds, ds.dataset_mask(), ds.transform
     truth = gpd.read_file(REAL_OUTLINES).to_crs(crs).clip(bounds)
     found = gpd.read_file(gpkg, layer="buildings")
-
-    def on_imagery(frame: gpd.GeoDataFrame) -> list:
-        keep = []
-        for geom in frame.geometry:
-            if geom is None or geom.is_empty:
-                continue
-            col, row = inv * (geom.centroid.x, geom.centroid.y)
-            if 0 <= int(row) < mask.shape[0] and 0 <= int(col) < mask.shape[1] and mask[int(row), int(col)]:
-                keep.append(geom)
-        return keep
-
-    scores = match_polygons(on_imagery(found), on_imagery(truth), 0.5)
+    scores = match_polygons(on_imagery(found.geometry, mask, transform), on_imagery(truth.geometry, mask, transform), 0.5)
     (DEMO / "out" / "real_accuracy.json").write_text(json.dumps(scores, indent=2))
     print("\nbuildings against OpenStreetMap outlines (IoU >= 0.5, where there is imagery): "
           f"{scores['predicted']} found, {scores['truth']} true, {scores['matched']} matched; "

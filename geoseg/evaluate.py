@@ -108,6 +108,20 @@ def match_polygons(pred: list[Any], truth: list[Any], iou_threshold: float = 0.5
     return prf(len(used_p), len(pred), len(truth), iou_threshold)
 
 
+def on_imagery(geoms: Any, valid: np.ndarray, transform: Any) -> list[Any]:
+    """The geometries whose centroid falls on a valid pixel of ``valid`` (a raster's dataset mask,
+    with its ``transform``): objects are counted only where there is imagery."""
+    inv = ~transform
+    keep = []
+    for geom in geoms:
+        if geom is None or geom.is_empty:
+            continue
+        col, row = (int(v) for v in inv * (geom.centroid.x, geom.centroid.y))
+        if 0 <= row < valid.shape[0] and 0 <= col < valid.shape[1] and valid[row, col]:
+            keep.append(geom)
+    return keep
+
+
 def _read_layer(path: Path, layer: str) -> list[Any]:
     import pyogrio
     import shapely
