@@ -1,6 +1,6 @@
 """The whole-job memory a run has before its first tile: what no per-pixel change can lower.
 
-Starts geoseg's processes the way ``geoseg.pipeline`` does (a local Ray, the model actors with
+Starts geoseg's processes the way ``geoseg.runner.pipeline`` does (a local Ray, the model actors with
 their models built and checked, the scene writers, a read/post-processing task worker with its
 libraries imported) and takes, with ``bench.procmon.Monitor``, one sample of the same whole-job
 figure the other sections report (driver RSS + PSS of every Ray process) at three moments:
@@ -29,8 +29,13 @@ def _sample(pid: int) -> dict[str, object]:
     mon = Monitor(pid)
     mon.sample()
     figures = mon.figures()
-    keep = ("whole_job_peak_mib", "whole_job_peak_all_pss_mib", "whole_job_peak_split_mib",
-            "whole_job_peak_processes_pss_mib", "whole_job_peak_processes_pss_parts_mib")
+    keep = (
+        "whole_job_peak_mib",
+        "whole_job_peak_all_pss_mib",
+        "whole_job_peak_split_mib",
+        "whole_job_peak_processes_pss_mib",
+        "whole_job_peak_processes_pss_parts_mib",
+    )
     return {k: figures[k] for k in keep}
 
 
@@ -44,11 +49,11 @@ def main() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
-    from geoseg.actors import start_model_actors, start_writers, task_cpus, wait_ready
-    from geoseg.config import config_from_dict
-    from geoseg.local_ray import ensure_ray
-    from geoseg.storage import OutputStore, storage_env
-    from geoseg.workers import warm_up_worker
+    from geoseg.core.config import config_from_dict
+    from geoseg.core.storage import OutputStore, storage_env
+    from geoseg.runner.actors import start_model_actors, start_writers, task_cpus, wait_ready
+    from geoseg.runner.local_ray import ensure_ray
+    from geoseg.runner.workers import warm_up_worker
 
     with open(args.config) as fh:
         config = config_from_dict(json.load(fh), "<bench>", base_dir=args.base_dir)

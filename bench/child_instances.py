@@ -4,10 +4,10 @@ A scene of planted rectangular objects (a jittered grid, 3+ pixels apart, ~2% of
 long so they cross one or more seams) is cut into the pipeline's tiles. For each tile the body
 probability the model would return is rendered directly (no raster file, no model), then:
 
-- ``geoseg.postprocess.postprocess_tile``: instance decoding (connected components of body >
+- ``geoseg.models.postprocess.postprocess_tile``: instance decoding (connected components of body >
   threshold), per-object stats, vectorising (GDAL polygonize) and seam rings: the Ray-task side;
-- ``geoseg.stitch.HeadStitcher.add`` / ``finish``: seam merging (union-find) on the driver side;
-- ``geoseg.export.ObjectSink`` + ``LayerWriter``: measuring and writing each final object to a
+- ``geoseg.outputs.stitch.HeadStitcher.add`` / ``finish``: seam merging (union-find) on the driver side;
+- ``geoseg.outputs.export.ObjectSink`` + ``LayerWriter``: measuring and writing each final object to a
   GeoPackage (timed apart, as "export").
 
 The emitted object count must equal the planted count: every object crossing seams is merged.
@@ -93,19 +93,29 @@ def main() -> None:
     from affine import Affine
     from rasterio.crs import CRS
 
-    from geoseg.config import config_from_dict
-    from geoseg.export import INSTANCE_FIELDS, LayerWriter, ObjectSink
-    from geoseg.grid import plan_tiles, tile_grid_shape
-    from geoseg.postprocess import postprocess_tile
-    from geoseg.stitch import HeadStitcher
-    from geoseg.units import ground_scale
+    from geoseg.core.config import config_from_dict
+    from geoseg.core.units import ground_scale
+    from geoseg.models.postprocess import postprocess_tile
+    from geoseg.outputs.export import INSTANCE_FIELDS, LayerWriter, ObjectSink
+    from geoseg.outputs.stitch import HeadStitcher
+    from geoseg.raster.grid import plan_tiles, tile_grid_shape
 
     size, ts = args.size, args.tile_size
-    config = config_from_dict({
-        "tiling": {"tile_size": ts, "halo": args.halo},
-        "models": {"buildings": {"task": "instance", "classes": ["building"], "channels": ["body"], "bands": [1, 2, 3],
-                                 "factory": "geoseg.synth:oracle_buildings"}},
-    }, "<bench>")
+    config = config_from_dict(
+        {
+            "tiling": {"tile_size": ts, "halo": args.halo},
+            "models": {
+                "buildings": {
+                    "task": "instance",
+                    "classes": ["building"],
+                    "channels": ["body"],
+                    "bands": [1, 2, 3],
+                    "factory": "geoseg.train.synth:oracle_buildings",
+                }
+            },
+        },
+        "<bench>",
+    )
     spec = config.models["buildings"]
     crs_wkt = CRS.from_epsg(32632).to_wkt()
     transform = Affine(args.pixel_size, 0, 300000.0, 0, -args.pixel_size, 5500000.0)
@@ -113,7 +123,9 @@ def main() -> None:
     bounds = (transform.c, transform.f - size * args.pixel_size, transform.c + size * args.pixel_size, transform.f)
     if os.path.exists(args.gpkg):
         os.unlink(args.gpkg)
-    sink = ObjectSink(spec, LayerWriter(args.gpkg, "buildings", crs_wkt, INSTANCE_FIELDS), transform, crs_wkt, bounds, scale)
+    sink = ObjectSink(
+        spec, LayerWriter(args.gpkg, "buildings", crs_wkt, INSTANCE_FIELDS), transform, crs_wkt, bounds, scale
+    )
     export_s = [0.0]
 
     def emit(*batch):  # type: ignore[no-untyped-def]  # arrays: classes, pixels, areas, scores, geometries
@@ -137,7 +149,12 @@ def main() -> None:
         rd = tile.read
         t = time.perf_counter()
         probs = render(boxes, int(rd.row_off), int(rd.col_off), int(rd.height), int(rd.width), max_len)
-        pred = {"tile": tile, "status": "ok", "valid": np.ones(probs.shape[1:], dtype=bool), "heads": {"buildings": probs}}
+        pred = {
+            "tile": tile,
+            "status": "ok",
+            "valid": np.ones(probs.shape[1:], dtype=bool),
+            "heads": {"buildings": probs},
+        }
         core = tile.core
         pixel_area = scale.pixel_areas.window(int(core.row_off), int(core.col_off), int(core.height), int(core.width))
         t1 = time.perf_counter()
@@ -160,8 +177,10 @@ def main() -> None:
         "size": size,
         "tiles": grid[0] * grid[1],
         "objects_planted": n,
-        "objects_crossing_seams": int(((boxes[:, 0] // ts) != ((boxes[:, 2] - 1) // ts)).sum()
-                                      + ((boxes[:, 1] // ts) != ((boxes[:, 3] - 1) // ts)).sum()),
+        "objects_crossing_seams": int(
+            ((boxes[:, 0] // ts) != ((boxes[:, 2] - 1) // ts)).sum()
+            + ((boxes[:, 1] // ts) != ((boxes[:, 3] - 1) // ts)).sum()
+        ),
         "objects_emitted": int(sink.count[0]),
         "pixels_planted": planted_pixels,
         "pixels_emitted": int(sink.pixels[0]),

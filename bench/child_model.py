@@ -1,7 +1,7 @@
 """The model alone in a loop on the CPU (a subprocess of ``bench.run``): the pipeline's upper bound.
 
 Same network and batch size as the pipeline, input at the pipeline's padded tile side
-(``geoseg.grid.padded_size(tile, halo)``), torch on ``--threads`` threads (default: every core,
+(``geoseg.raster.grid.padded_size(tile, halo)``), torch on ``--threads`` threads (default: every core,
 ``os.cpu_count()``); random float input already normalised; forward + argmax to uint8 (the actor's
 own per-pixel step). One warm-up batch, then ``--batches`` timed batches per variant (layout x call size); the figure
 is the median of the fastest variant.
@@ -45,7 +45,7 @@ def main() -> None:
 
     import torch
 
-    from geoseg.grid import padded_size
+    from geoseg.raster.grid import padded_size
 
     torch.set_num_threads(args.threads)
     module, attr = args.factory.split(":")

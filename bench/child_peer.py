@@ -56,9 +56,21 @@ def main() -> None:
         return np.argmax(probs, axis=0).astype(np.uint8)
 
     t = time.perf_counter()
-    predict_geotiff(model, args.input, args.output, tile_size=args.tile_size, overlap=args.overlap,
-                    batch_size=args.batch_size, input_bands=[1, 2, 3], num_classes=args.classes,
-                    output_dtype="uint8", output_nodata=255, postprocess_fn=argmax, device="cpu", verbose=False)
+    predict_geotiff(
+        model,
+        args.input,
+        args.output,
+        tile_size=args.tile_size,
+        overlap=args.overlap,
+        batch_size=args.batch_size,
+        input_bands=[1, 2, 3],
+        num_classes=args.classes,
+        output_dtype="uint8",
+        output_nodata=255,
+        postprocess_fn=argmax,
+        device="cpu",
+        verbose=False,
+    )
     call_s = time.perf_counter() - t
     import rasterio
 
@@ -69,10 +81,12 @@ def main() -> None:
         "geoai_version": importlib.metadata.version("geoai-py"),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
-        "call": (f"geoai.inference.predict_geotiff(model, input, output, tile_size={args.tile_size}, "
-                 f"overlap={args.overlap}, batch_size={args.batch_size}, input_bands=[1, 2, 3], "
-                 f"num_classes={args.classes}, output_dtype='uint8', output_nodata=255, "
-                 "postprocess_fn=argmax, device='cpu', verbose=False)"),
+        "call": (
+            f"geoai.inference.predict_geotiff(model, input, output, tile_size={args.tile_size}, "
+            f"overlap={args.overlap}, batch_size={args.batch_size}, input_bands=[1, 2, 3], "
+            f"num_classes={args.classes}, output_dtype='uint8', output_nodata=255, "
+            "postprocess_fn=argmax, device='cpu', verbose=False)"
+        ),
         "call_s": round(call_s, 3),
         "process_s": round(time.time() - start, 3),
         "megapixels": round(mpx, 3),

@@ -1,4 +1,4 @@
-"""One ``geoseg.pipeline.run`` in this process (a subprocess of ``bench.run``); writes a JSON report.
+"""One ``geoseg.runner.pipeline.run`` in this process (a subprocess of ``bench.run``); writes a JSON report.
 
 Only the public API is used: ``run(inputs, out_dir, config, progress=False)`` and its
 ``RunReport`` (``progress`` = (unix time, core pixels) each time tile results reached their scene
@@ -31,7 +31,7 @@ from bench.procmon import hwm_kb, process_start_unix, rss_kb, rss_parts_kb
 def _start_ray(num_cpus: int) -> None:
     import ray
 
-    import geoseg.pipeline as pipeline
+    import geoseg.runner.pipeline as pipeline
 
     ensure = getattr(pipeline, "ensure_ray", None)
     try:
@@ -40,8 +40,12 @@ def _start_ray(num_cpus: int) -> None:
             return
     except TypeError:
         pass
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-             object_store_memory=getattr(pipeline, "LOCAL_OBJECT_STORE_BYTES", None))
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        log_to_driver=False,
+        object_store_memory=getattr(pipeline, "LOCAL_OBJECT_STORE_BYTES", None),
+    )
 
 
 def progress_figures(progress: list[tuple[float, int]], started_unix: float) -> dict[str, object]:
@@ -71,8 +75,12 @@ def main() -> None:
     ap.add_argument("--base-dir", default=os.getcwd(), help="what relative factory paths are resolved against")
     ap.add_argument("--num-cpus", type=int, default=None, help="local Ray CPUs (default: run() decides)")
     ap.add_argument("--ray-up", action="store_true", help="start the local Ray before run() (not timed)")
-    ap.add_argument("--idle-seconds", type=float, default=0.0,
-                    help="after run(), measure the driver's CPU while Ray is up and idle for this long")
+    ap.add_argument(
+        "--idle-seconds",
+        type=float,
+        default=0.0,
+        help="after run(), measure the driver's CPU while Ray is up and idle for this long",
+    )
     ap.add_argument("--json", required=True)
     args = ap.parse_args()
 
@@ -80,8 +88,8 @@ def main() -> None:
     process_start = process_start_unix()
     import ray
 
-    from geoseg.config import config_from_dict
-    from geoseg.pipeline import run
+    from geoseg.core.config import config_from_dict
+    from geoseg.runner.pipeline import run
 
     with open(args.config) as fh:
         config = config_from_dict(json.load(fh), "<bench>", base_dir=args.base_dir)
@@ -105,8 +113,9 @@ def main() -> None:
         before = resource.getrusage(resource.RUSAGE_SELF)
         time.sleep(args.idle_seconds)
         after = resource.getrusage(resource.RUSAGE_SELF)
-        idle_cpu_per_s = round((after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
-                               / args.idle_seconds, 5)
+        idle_cpu_per_s = round(
+            (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) / args.idle_seconds, 5
+        )
     up = ray.is_initialized()  # run() leaves the Ray it started up until the process exits
     cpus = ray.cluster_resources().get("CPU") if up else float(os.cpu_count() or 1)
     gpus = ray.cluster_resources().get("GPU", 0) if up else None

@@ -1,6 +1,6 @@
 """bf16 against float32 for the shipped models (a subprocess of ``bench.run``, section ``precision``).
 
-Each ``--case CONFIG=INPUT`` runs twice through ``geoseg.pipeline.run`` in one local Ray, with
+Each ``--case CONFIG=INPUT`` runs twice through ``geoseg.runner.pipeline.run`` in one local Ray, with
 ``runtime.precision`` fp32 and bf16 (device cpu), and compares the outputs: class masks pixel by
 pixel (valid pixels), instance heads by object count and by the pixels that are objects in one run
 and not the other; each run's wall time too. Prints one JSON object.
@@ -27,8 +27,8 @@ def _masks(folder: Path) -> dict[str, np.ndarray]:
 
 
 def compare(case: str, config_path: str, raster: str, out: Path) -> dict[str, object]:
-    from geoseg.config import load_config
-    from geoseg.pipeline import run
+    from geoseg.core.config import load_config
+    from geoseg.runner.pipeline import run
 
     runs: dict[str, dict[str, object]] = {}
     masks: dict[str, dict[str, np.ndarray]] = {}
@@ -36,13 +36,20 @@ def compare(case: str, config_path: str, raster: str, out: Path) -> dict[str, ob
         config = load_config(config_path, {"runtime": {"precision": precision, "device": "cpu"}})
         started = time.monotonic()
         report = run([raster], out / precision, config, progress=False)
-        runs[precision] = {"ok": report.ok, "wall_s": round(time.monotonic() - started, 2), "device": report.device,
-                           "failures": [str(e)[:300] for _, e in report.failures]}
+        runs[precision] = {
+            "ok": report.ok,
+            "wall_s": round(time.monotonic() - started, 2),
+            "device": report.device,
+            "failures": [str(e)[:300] for _, e in report.failures],
+        }
         folder = next((out / precision).glob("*/summary.json")).parent
         masks[precision] = _masks(folder)
         summary = json.loads((folder / "summary.json").read_text())
-        runs[precision]["counts"] = {m: {c: v.get("count") for c, v in d["classes"].items()}
-                                     for m, d in summary["models"].items() if d["task"] == "instance"}
+        runs[precision]["counts"] = {
+            m: {c: v.get("count") for c, v in d["classes"].items()}
+            for m, d in summary["models"].items()
+            if d["task"] == "instance"
+        }
         tasks = {m: d["task"] for m, d in summary["models"].items()}
     heads = {}
     for head, a in masks["fp32"].items():
@@ -52,10 +59,20 @@ def compare(case: str, config_path: str, raster: str, out: Path) -> dict[str, ob
             heads[head] = {"task": "semantic", "agreement": round(float(np.mean(a[valid] == b[valid])), 5)}
         elif head in tasks:
             either = (a > 0) | (b > 0)
-            heads[head] = {"task": "instance", "object_pixels_agree": round(float(np.mean((a > 0)[either] == (b > 0)[either])), 5)
-                           if either.any() else 1.0}
-    return {"case": case, "config": config_path, "input": raster, "runs": runs, "heads": heads,
-            "speedup_bf16": round(float(runs["fp32"]["wall_s"]) / float(runs["bf16"]["wall_s"]), 3)}
+            heads[head] = {
+                "task": "instance",
+                "object_pixels_agree": round(float(np.mean((a > 0)[either] == (b > 0)[either])), 5)
+                if either.any()
+                else 1.0,
+            }
+    return {
+        "case": case,
+        "config": config_path,
+        "input": raster,
+        "runs": runs,
+        "heads": heads,
+        "speedup_bf16": round(float(runs["fp32"]["wall_s"]) / float(runs["bf16"]["wall_s"]), 3),
+    }
 
 
 def main() -> None:

@@ -1,8 +1,9 @@
 """Start-up as a user meets it (a subprocess of ``bench.run``): what ``geoseg run IMAGE --out DIR -q`` does.
 
-Loads the ``--config`` (``bench.run``: ``configs/synthetic.yaml``) with ``load_config`` and calls ``geoseg.pipeline.run(...,
-progress=False)`` exactly as the CLI does (``-q``); ``run`` starts the local Ray itself. Times are
-counted from this process's start (``/proc/self/stat``), so interpreter start and imports count:
+Loads the ``--config`` (``bench.run``: ``configs/synthetic.yaml``) with ``load_config`` and calls
+``geoseg.runner.pipeline.run(..., progress=False)`` exactly as the CLI does (``-q``); ``run`` starts
+the local Ray itself. Times are counted from this process's start (``/proc/self/stat``), so interpreter
+start and imports count:
 
 - ``first_tile_s``: ``RunReport.first_tile_unix`` - process start;
 - ``total_s``: ``run`` returned - process start;
@@ -28,8 +29,8 @@ def main() -> None:
     args = ap.parse_args()
     start = process_start_unix()
 
-    from geoseg.config import load_config
-    from geoseg.pipeline import run
+    from geoseg.core.config import load_config
+    from geoseg.runner.pipeline import run
 
     config = load_config(args.config, {"tiling": {}, "runtime": {}})
     report = run([args.input], args.out, config, progress=False)

@@ -6,11 +6,11 @@ raster). Needs only the repo and its ``.venv`` (``make install``). Without a CUD
 
 a. **model alone**: ``bench/models.py:unet_resnet18`` (smp U-Net, ResNet-18, 3 -> 5 classes) on
    the GPU, channels_last, bf16 autocast (fp16 where bf16 is missing, as geoseg's actor does),
-   batch 16 at the padded side ``geoseg.grid.padded_size(1024, 32)`` = 1088, input already on the
+   batch 16 at the padded side ``geoseg.raster.grid.padded_size(1024, 32)`` = 1088, input already on the
    GPU; forward + crop to the core + argmax to uint8 (the actor's own per-pixel step, left on the
    GPU); warm-up, then the median of timed iterations (``torch.cuda.synchronize`` around each).
    Mpx/s counts core pixels (16 x 1024^2 per batch);
-b. **pipeline**: ``geoseg.pipeline.run`` (local Ray started by ``run``: every core and the GPU,
+b. **pipeline**: ``geoseg.runner.pipeline.run`` (local Ray started by ``run``: every core and the GPU,
    device auto) on a synthetic 16384^2 raster, tile 1024 + halo 32, batch 16, same network;
    Mpx/s steady and end to end as in ``bench.run`` (from ``RunReport.progress``), ratio to (a);
 c. **GPU utilisation and memory** sampled every 0.5 s while (b) runs: pynvml when importable,
@@ -52,14 +52,21 @@ def log(msg: str) -> None:
 def child_info() -> dict[str, Any]:
     import torch
 
-    info: dict[str, Any] = {"cuda_available": torch.cuda.is_available(), "torch": torch.__version__,
-                            "torch_cuda": torch.version.cuda,
-                            "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None}
+    info: dict[str, Any] = {
+        "cuda_available": torch.cuda.is_available(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+    }
     if info["cuda_available"]:
         props = torch.cuda.get_device_properties(0)
-        info.update(device=torch.cuda.get_device_name(0), device_count=torch.cuda.device_count(),
-                    memory_gib=round(props.total_memory / 2**30, 1), capability=f"{props.major}.{props.minor}",
-                    bf16=torch.cuda.is_bf16_supported())
+        info.update(
+            device=torch.cuda.get_device_name(0),
+            device_count=torch.cuda.device_count(),
+            memory_gib=round(props.total_memory / 2**30, 1),
+            capability=f"{props.major}.{props.minor}",
+            bf16=torch.cuda.is_bf16_supported(),
+        )
     return info
 
 
@@ -68,7 +75,7 @@ def child_model(tile: int, halo: int, batch: int, warmup: int, iters: int, devic
     import torch
 
     from bench.models import unet_resnet18
-    from geoseg.grid import padded_size
+    from geoseg.raster.grid import padded_size
 
     dev = torch.device(device)
     side = padded_size(tile, halo)
@@ -102,11 +109,18 @@ def child_model(tile: int, halo: int, batch: int, warmup: int, iters: int, devic
     med = statistics.median(times)
     return {
         "device": torch.cuda.get_device_name(0) if cuda else "cpu",
-        "autocast_dtype": str(dtype).replace("torch.", ""), "channels_last": True,
+        "autocast_dtype": str(dtype).replace("torch.", ""),
+        "channels_last": True,
         "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
-        "batch_size": batch, "tile_size": tile, "halo": halo, "padded_side": side,
-        "warmup_iterations": warmup, "warmup_s": round(warm_s, 3), "iterations": iters,
-        "batch_seconds_median": round(med, 5), "batch_seconds_min": round(min(times), 5),
+        "batch_size": batch,
+        "tile_size": tile,
+        "halo": halo,
+        "padded_side": side,
+        "warmup_iterations": warmup,
+        "warmup_s": round(warm_s, 3),
+        "iterations": iters,
+        "batch_seconds_median": round(med, 5),
+        "batch_seconds_min": round(min(times), 5),
         "batch_seconds_max": round(max(times), 5),
         "mpx_per_s": round(batch * tile**2 / med / 1e6, 2),
         "max_memory_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
@@ -129,7 +143,7 @@ class GpuSampler:
         self._thread: threading.Thread | None = None
         self._proc: subprocess.Popen[str] | None = None
 
-    def start(self) -> "GpuSampler":
+    def start(self) -> GpuSampler:
         try:
             import pynvml  # type: ignore[import-not-found]
 
@@ -145,8 +159,15 @@ class GpuSampler:
         if not smi:
             self.error = f"{self.note}; nvidia-smi not found: no GPU samples"
             return self
-        cmd = [smi, "--query-gpu=timestamp,utilization.gpu,memory.used", "--format=csv,noheader,nounits",
-               "-lms", str(int(self.interval * 1000)), "-i", str(self.index)]
+        cmd = [
+            smi,
+            "--query-gpu=timestamp,utilization.gpu,memory.used",
+            "--format=csv,noheader,nounits",
+            "-lms",
+            str(int(self.interval * 1000)),
+            "-i",
+            str(self.index),
+        ]
         if shutil.which("stdbuf"):
             cmd = ["stdbuf", "-oL", *cmd]  # line-buffered through the pipe
         try:
@@ -234,8 +255,16 @@ def _nvidia_smi_info() -> dict[str, Any]:
     if not smi:
         return {}
     try:
-        out = subprocess.run([smi, "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=30).stdout.strip().splitlines()
+        out = (
+            subprocess.run(
+                [smi, "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            .stdout.strip()
+            .splitlines()
+        )
         name, driver, mem = (p.strip() for p in out[0].split(","))
         return {"nvidia_smi_name": name, "driver_version": driver, "memory_total": mem}
     except (OSError, subprocess.SubprocessError, ValueError, IndexError):
@@ -248,8 +277,24 @@ def measure(size: int, tile: int, halo: int, batch: int, iters: int, device: str
 
     left = lambda: deadline - time.monotonic()  # noqa: E731
     log(f"model alone: U-Net ResNet-18, batch {batch}, padded side of {tile} + {halo}, {iters} iterations")
-    alone = _run_child(["bench.gpu", "--child", "model", "--tile-size", str(tile), "--halo", str(halo),
-                        "--batch-size", str(batch), "--iters", str(iters), "--device", device], min(240, left()))
+    alone = _run_child(
+        [
+            "bench.gpu",
+            "--child",
+            "model",
+            "--tile-size",
+            str(tile),
+            "--halo",
+            str(halo),
+            "--batch-size",
+            str(batch),
+            "--iters",
+            str(iters),
+            "--device",
+            device,
+        ],
+        min(240, left()),
+    )
     log(f"model alone: {alone.get('mpx_per_s')} Mpx/s {alone.get('error', '')}")
     t = time.monotonic()
     raster = write_raster(SCRATCH / f"gpu-syn-{size}.tif", size, pixel_size=PIXEL_SIZE_M)
@@ -257,14 +302,21 @@ def measure(size: int, tile: int, halo: int, batch: int, iters: int, device: str
     log(f"pipeline: {size}^2 (raster written in {raster_s} s), tile {tile} + {halo}, batch {batch}, device {device}")
     sampler = GpuSampler(0, 0.5).start()
     try:
-        pipe = pipeline([raster], semantic_config("bench/models.py:unet_resnet18", tile, halo, batch,
-                                                  device="auto" if device == "cuda" else device),
-                        f"gpu-{size}", timeout=max(60, int(left() - 20)))
+        pipe = pipeline(
+            [raster],
+            semantic_config(
+                "bench/models.py:unet_resnet18", tile, halo, batch, device="auto" if device == "cuda" else device
+            ),
+            f"gpu-{size}",
+            timeout=max(60, int(left() - 20)),
+        )
     finally:
         sampler.stop()
     raster.unlink(missing_ok=True)
-    log(f"pipeline: {pipe.get('mpx_per_s_steady')} Mpx/s steady, {pipe.get('mpx_per_s_end_to_end')} end to end"
-        f" {pipe.get('error', '')}")
+    log(
+        f"pipeline: {pipe.get('mpx_per_s_steady')} Mpx/s steady, {pipe.get('mpx_per_s_end_to_end')} end to end"
+        f" {pipe.get('error', '')}"
+    )
     ok = "error" not in pipe
     steady_u = util_stats(sampler.samples, pipe.get("first_tile_unix"), pipe.get("last_tile_unix")) if ok else {}
     run_u = util_stats(sampler.samples, pipe.get("run_started_unix"), pipe.get("run_returned_unix")) if ok else {}
@@ -282,13 +334,26 @@ def measure(size: int, tile: int, halo: int, batch: int, iters: int, device: str
         check("GPU utilisation over the whole run(): mean", run_u.get("util_mean"), "%"),
         check("GPU memory used, max over the run", run_u.get("memory_used_max_mib"), "MiB"),
         check("first tile after run() began", pipe.get("first_tile_s") if ok else None, "s"),
-        check("whole-job peak host memory (driver RSS + PSS of Ray processes)",
-              pipe.get("whole_job_peak_mib") if ok else None, "MiB"),
+        check(
+            "whole-job peak host memory (driver RSS + PSS of Ray processes)",
+            pipe.get("whole_job_peak_mib") if ok else None,
+            "MiB",
+        ),
     ]
-    return {"checks": checks, "model_alone": alone, "pipeline": pipe, "raster_write_s": raster_s,
-            "sampler": {"source": sampler.source, "error": sampler.error, "note": sampler.note,
-                        "samples": len(sampler.samples),
-                        "steady_window": steady_u, "whole_run": run_u}}
+    return {
+        "checks": checks,
+        "model_alone": alone,
+        "pipeline": pipe,
+        "raster_write_s": raster_s,
+        "sampler": {
+            "source": sampler.source,
+            "error": sampler.error,
+            "note": sampler.note,
+            "samples": len(sampler.samples),
+            "steady_window": steady_u,
+            "whole_run": run_u,
+        },
+    }
 
 
 def main() -> None:
@@ -307,8 +372,13 @@ def main() -> None:
     args = ap.parse_args()
 
     if args.child:
-        res = child_info() if args.child == "info" else child_model(
-            args.tile_size, args.halo, args.batch_size, 3 if args.device == "cpu" else 10, args.iters, args.device)
+        res = (
+            child_info()
+            if args.child == "info"
+            else child_model(
+                args.tile_size, args.halo, args.batch_size, 3 if args.device == "cpu" else 10, args.iters, args.device
+            )
+        )
         Path(args.json).write_text(json.dumps(res, indent=2))
         return
 
@@ -321,18 +391,36 @@ def main() -> None:
     info = _run_child(["bench.gpu", "--child", "info"], 300)
     machine = machine_info()
     load = _load()
-    section: dict[str, Any] = {"title": "GPU: U-Net ResNet-18, model alone vs the pipeline", "machine": machine,
-                               "gpu": {**info, **_nvidia_smi_info()}}
+    section: dict[str, Any] = {
+        "title": "GPU: U-Net ResNet-18, model alone vs the pipeline",
+        "machine": machine,
+        "gpu": {**info, **_nvidia_smi_info()},
+    }
     if args.cpu_smoke:
         size, tile, halo, batch, iters, device = 1024, 256, 32, 2, 2, "cpu"
         section["cpu_smoke"] = True
     else:
-        size, tile, halo, batch, iters, device = (args.size, args.tile_size, args.halo, args.batch_size,
-                                                  args.iters, "cuda")
-    section["parameters"] = {"size": size, "tile_size": tile, "halo": halo, "batch_size": batch, "device": device,
-                             "model": "smp.Unet('resnet18', encoder_weights=None, in_channels=3, classes=5), seed 0",
-                             "gpu": info.get("device"), "torch": info.get("torch"), "cuda": info.get("torch_cuda"),
-                             "cudnn": info.get("cudnn"), "driver": section["gpu"].get("driver_version")}
+        size, tile, halo, batch, iters, device = (
+            args.size,
+            args.tile_size,
+            args.halo,
+            args.batch_size,
+            args.iters,
+            "cuda",
+        )
+    section["parameters"] = {
+        "size": size,
+        "tile_size": tile,
+        "halo": halo,
+        "batch_size": batch,
+        "device": device,
+        "model": "smp.Unet('resnet18', encoder_weights=None, in_channels=3, classes=5), seed 0",
+        "gpu": info.get("device"),
+        "torch": info.get("torch"),
+        "cuda": info.get("torch_cuda"),
+        "cudnn": info.get("cudnn"),
+        "driver": section["gpu"].get("driver_version"),
+    }
     if not info.get("cuda_available") and not args.cpu_smoke:
         section.update(skipped="no CUDA device", checks=[])
         log("no CUDA device: gpu section skipped")
@@ -342,11 +430,19 @@ def main() -> None:
         except Exception as exc:  # record and exit 0: the other sections stay valid
             import traceback
 
-            section.update(error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc()[-4000:],
-                           checks=section.get("checks", []))
+            section.update(
+                error=f"{type(exc).__name__}: {exc}",
+                traceback=traceback.format_exc()[-4000:],
+                checks=section.get("checks", []),
+            )
             log(f"failed: {exc!r}")
-    section.update(load_avg_before=load, load_avg_after=_load(), seconds=round(time.monotonic() - started, 1),
-                   generated=time.strftime("%Y-%m-%d %H:%M:%S %Z"), quick=bool(args.cpu_smoke))
+    section.update(
+        load_avg_before=load,
+        load_avg_after=_load(),
+        seconds=round(time.monotonic() - started, 1),
+        generated=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        quick=bool(args.cpu_smoke),
+    )
     results = load_results(out_path)
     results["gpu"] = section
     results.setdefault("machine", machine)

@@ -25,8 +25,10 @@ from typing import Any
 GEOAI_PIN = "geoai-py==0.40.1"  # what `pip install geoai-py` resolved to here (Python 3.11, torch 2.14.1)
 # geoai.inference's imports beyond what geoseg's venv has, for the --no-deps fallback
 NO_DEPS_EXTRA = ["tqdm"]
-PROBE = ("import json, importlib.metadata as m, torch; from geoai.inference import predict_geotiff; "
-         "print(json.dumps({'geoai': m.version('geoai-py'), 'torch': torch.__version__, 'torch_file': torch.__file__}))")
+PROBE = (
+    "import json, importlib.metadata as m, torch; from geoai.inference import predict_geotiff; "
+    "print(json.dumps({'geoai': m.version('geoai-py'), 'torch': torch.__version__, 'torch_file': torch.__file__}))"
+)
 
 
 def _site_packages(venv: Path) -> Path:
@@ -70,8 +72,14 @@ def ensure_peer_venv(venv: Path, timeout: int = 1800) -> dict[str, Any]:
     if python.exists():
         info = _probe(python)
         if info and info["geoai"] == want:
-            return {"python": str(python), "geoai_version": info["geoai"], "reused": True, "installed_s": 0.0,
-                    "torch": info["torch"], "torch_from": info["torch_file"]}
+            return {
+                "python": str(python),
+                "geoai_version": info["geoai"],
+                "reused": True,
+                "installed_s": 0.0,
+                "torch": info["torch"],
+                "torch_from": info["torch_file"],
+            }
     log = venv.parent / "peer-venv-install.log"
     venv.parent.mkdir(parents=True, exist_ok=True)
     log.write_text("")
@@ -93,9 +101,17 @@ def ensure_peer_venv(venv: Path, timeout: int = 1800) -> dict[str, Any]:
             raise RuntimeError(f"geoai-py installed but does not import: {err.strip()[-1500:]}")
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         return {"error": f"could not install {GEOAI_PIN} into {venv}: {exc}", "install_log": str(log)}
-    return {"python": str(python), "geoai_version": info["geoai"], "reused": False, "mode": mode,
-            "installed_s": round(time.monotonic() - t, 1), "torch": info["torch"], "torch_from": info["torch_file"],
-            "host_site_packages": str(host_site), "install_log": str(log)}
+    return {
+        "python": str(python),
+        "geoai_version": info["geoai"],
+        "reused": False,
+        "mode": mode,
+        "installed_s": round(time.monotonic() - t, 1),
+        "torch": info["torch"],
+        "torch_from": info["torch_file"],
+        "host_site_packages": str(host_site),
+        "install_log": str(log),
+    }
 
 
 if __name__ == "__main__":

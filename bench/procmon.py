@@ -164,7 +164,7 @@ class Monitor:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
-    def __enter__(self) -> "Monitor":
+    def __enter__(self) -> Monitor:
         self._thread.start()
         return self
 
@@ -176,7 +176,9 @@ class Monitor:
         parents = _parents()
         procs = set(descendants(self.pid, parents))
         for p in procs:
-            if p not in self._cmd or "default_worker.py" in self._cmd[p] or self._cmd[p].startswith("ray::"):  # workers rename themselves
+            if (
+                p not in self._cmd or "default_worker.py" in self._cmd[p] or self._cmd[p].startswith("ray::")
+            ):  # workers rename themselves
                 self._cmd[p] = _cmdline(p)
             if self.session is None and (m := _SESSION.search(self._cmd[p])):
                 self.session = m.group(0)
@@ -247,19 +249,23 @@ class Monitor:
         return {
             "whole_job_peak_mib": round(self.whole_peak_kb * mib, 1),
             "whole_job_peak_split_mib": {k: round(v * mib, 1) for k, v in self.whole_peak_split_kb.items()},
-            "whole_job_peak_processes_pss_mib": {k: round(v * mib, 1) for k, v in sorted(
-                self.whole_peak_processes_kb.items(), key=lambda kv: -kv[1])},
+            "whole_job_peak_processes_pss_mib": {
+                k: round(v * mib, 1) for k, v in sorted(self.whole_peak_processes_kb.items(), key=lambda kv: -kv[1])
+            },
             "whole_job_peak_processes_pss_parts_mib": {
                 k: {part.removeprefix("Pss_").lower(): round(v * mib, 1) for part, v in split.items() if part != "Pss"}
-                for k, split in sorted(self.whole_peak_processes_parts_kb.items(), key=lambda kv: -kv[1].get("Pss", 0))},
+                for k, split in sorted(self.whole_peak_processes_parts_kb.items(), key=lambda kv: -kv[1].get("Pss", 0))
+            },
             "whole_job_peak_unix": round(self.whole_peak_at, 3),
             "whole_job_peak_all_pss_mib": round(self.whole_pss_peak_kb * mib, 1),
             "ray_processes_peak_pss_sum_mib": round(self.ray_pss_peak_kb * mib, 1),
             "driver_peak_rss_polled_mib": round(self.driver_peak_kb * mib, 1),
             "ray_workers_peak_rss_sum_mib": round(self.workers_rss_peak_kb * mib, 1),
             "ray_workers_peak_pss_sum_mib": round(self.workers_pss_peak_kb * mib, 1),
-            "cpu_s_by_process": {f"{pid} {name}": round(cpu, 2) for pid, (name, cpu) in sorted(
-                self.cpu_by_process.items(), key=lambda kv: -kv[1][1])},
+            "cpu_s_by_process": {
+                f"{pid} {name}": round(cpu, 2)
+                for pid, (name, cpu) in sorted(self.cpu_by_process.items(), key=lambda kv: -kv[1][1])
+            },
             "ray_processes_max": self.processes_max,
             "ray_workers_max": self.workers_max,
             "ray_session": self.session,

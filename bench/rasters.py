@@ -28,9 +28,22 @@ def write_raster(path: str | Path, width: int, height: int | None = None, pixel_
             if (ds.width, ds.height, ds.count, ds.res[0]) == (width, height, 3, pixel_size):
                 return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    profile = dict(driver="GTiff", width=width, height=height, count=3, dtype="uint8", nodata=0, crs=CRS,
-                   transform=Affine(pixel_size, 0, 300000.0, 0, -pixel_size, 5500000.0), tiled=True,
-                   blockxsize=512, blockysize=512, compress="deflate", zlevel=1, BIGTIFF="IF_SAFER")
+    profile = dict(
+        driver="GTiff",
+        width=width,
+        height=height,
+        count=3,
+        dtype="uint8",
+        nodata=0,
+        crs=CRS,
+        transform=Affine(pixel_size, 0, 300000.0, 0, -pixel_size, 5500000.0),
+        tiled=True,
+        blockxsize=512,
+        blockysize=512,
+        compress="deflate",
+        zlevel=1,
+        BIGTIFF="IF_SAFER",
+    )
     tmp = path.with_name(f".{path.name}.partial")
     with rasterio.open(tmp, "w", **profile) as ds:
         for r0 in range(0, height, WINDOW):

@@ -8,7 +8,8 @@ Sections (each measurement in its own subprocess, so a peak is one run's; see ``
 - ``floor``: the whole-job memory before the first tile (Ray's own processes; every geoseg process
   started and ready), for the trivial model and the default config: what per-pixel work cannot lower;
 - ``unet``: U-Net ResNet-18 on 4096^2: the model alone on all cores, the pipeline with core crop
-  (Ray started by the run, and already up) and with blended windows (``BLEND_SETTINGS``), ratios, the job's CPU seconds against the model's, and the peer
+  (Ray started by the run, and already up) and with blended windows (``BLEND_SETTINGS``), ratios, the
+  job's CPU seconds against the model's, and the peer
   (geoai-py ``predict_geotiff``, same network and weights) in a throw-away venv;
 - ``driver_cpu``: three trivial heads (semantic + two instance) at 2048^2 and 4096^2: driver CPU
   seconds per extra megapixel;
@@ -39,8 +40,9 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from bench.procmon import Monitor, descendants
 from bench.rasters import write_raster
@@ -93,19 +95,30 @@ def machine_info() -> dict[str, Any]:
     for line in Path("/proc/meminfo").read_text().splitlines():
         if line.startswith("MemTotal:"):
             mem_kb = int(line.split()[1])
-    probe = ("import json, torch, rasterio; print(json.dumps({'device': torch.cuda.get_device_name(0) "
-             "if torch.cuda.is_available() else 'cpu', 'torch_threads_default': torch.get_num_threads(), "
-             "'gdal': rasterio.__gdal_version__}))")
+    probe = (
+        "import json, torch, rasterio; print(json.dumps({'device': torch.cuda.get_device_name(0) "
+        "if torch.cuda.is_available() else 'cpu', 'torch_threads_default': torch.get_num_threads(), "
+        "'gdal': rasterio.__gdal_version__}))"
+    )
     try:
-        extra = json.loads(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                                          timeout=300).stdout.strip().splitlines()[-1])
+        extra = json.loads(
+            subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+            .stdout.strip()
+            .splitlines()[-1]
+        )
     except (OSError, subprocess.SubprocessError, ValueError, IndexError):
         extra = {}
     status = subprocess.run(["git", "status", "--porcelain", "geoseg"], cwd=REPO, capture_output=True, text=True).stdout
     return {
         "cpu_cores": os.cpu_count(),
-        "cpu_model": next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                           if ln.startswith("model name")), platform.processor()),
+        "cpu_model": next(
+            (
+                ln.split(":", 1)[1].strip()
+                for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")
+            ),
+            platform.processor(),
+        ),
         "ram_gib": round(mem_kb / 1024**2, 1),
         "device": extra.get("device"),
         "python": platform.python_version(),
@@ -136,8 +149,14 @@ def _kill_tree(pid: int) -> None:
             pass
 
 
-def _child(module: str, args: list[str], monitor: bool = False, timeout: int = 1500,
-           python: str | None = None, repo: Path = REPO) -> dict[str, Any]:
+def _child(
+    module: str,
+    args: list[str],
+    monitor: bool = False,
+    timeout: int = 1500,
+    python: str | None = None,
+    repo: Path = REPO,
+) -> dict[str, Any]:
     """Run ``python -m module args --json tmp`` in ``repo`` (another checkout measures another
     version of geoseg); returns its JSON (plus the monitor's figures)."""
     fd, tmp = tempfile.mkstemp(suffix=".json", dir=SCRATCH)
@@ -173,33 +192,76 @@ def _child(module: str, args: list[str], monitor: bool = False, timeout: int = 1
     return out
 
 
-def semantic_config(factory: str, tile: int, halo: int, batch: int, bands: list[int] | None = None,
-                    device: str = "cpu", precision: str = "fp32", **tiling: Any) -> dict[str, Any]:
+def semantic_config(
+    factory: str,
+    tile: int,
+    halo: int,
+    batch: int,
+    bands: list[int] | None = None,
+    device: str = "cpu",
+    precision: str = "fp32",
+    **tiling: Any,
+) -> dict[str, Any]:
     """One semantic head, float32 unless told (as the model-alone timings); ``tiling``: further
     tiling keys (blend, window, overlap; else the defaults)."""
-    return {"tiling": {"tile_size": tile, "halo": halo, **tiling},
-            "runtime": {"batch_size": batch, "device": device, "precision": precision},
-            "models": {"landuse": {"task": "semantic", "classes": CLASSES5, "bands": bands or [1, 2, 3],
-                                   "normalize": {"scale": 255.0}, "factory": factory}}}
+    return {
+        "tiling": {"tile_size": tile, "halo": halo, **tiling},
+        "runtime": {"batch_size": batch, "device": device, "precision": precision},
+        "models": {
+            "landuse": {
+                "task": "semantic",
+                "classes": CLASSES5,
+                "bands": bands or [1, 2, 3],
+                "normalize": {"scale": 255.0},
+                "factory": factory,
+            }
+        },
+    }
 
 
 def three_heads_config() -> dict[str, Any]:
     """Land use (semantic, 5 classes) + buildings (instance, body/border/contact) + ships (instance, body);
     1x1-convolution heads of bench/models.py; default tiling (512 + 64) and batch size."""
     common = {"bands": [1, 2, 3], "normalize": {"scale": 255.0}}
-    return {"runtime": {"device": "cpu"}, "models": {
-        "landuse": {"task": "semantic", "classes": ["water", "forest", "cropland", "urban", "bare"],
-                    "factory": "bench/models.py:landuse_blocks", **common},
-        "buildings": {"task": "instance", "classes": ["building"], "channels": ["body", "border", "contact"],
-                      "factory": "bench/models.py:buildings_blocks", **common},
-        "ships": {"task": "instance", "classes": ["ship"], "channels": ["body"],
-                  "factory": "bench/models.py:ships_blocks", **common}}}
+    return {
+        "runtime": {"device": "cpu"},
+        "models": {
+            "landuse": {
+                "task": "semantic",
+                "classes": ["water", "forest", "cropland", "urban", "bare"],
+                "factory": "bench/models.py:landuse_blocks",
+                **common,
+            },
+            "buildings": {
+                "task": "instance",
+                "classes": ["building"],
+                "channels": ["body", "border", "contact"],
+                "factory": "bench/models.py:buildings_blocks",
+                **common,
+            },
+            "ships": {
+                "task": "instance",
+                "classes": ["ship"],
+                "channels": ["body"],
+                "factory": "bench/models.py:ships_blocks",
+                **common,
+            },
+        },
+    }
 
 
-def pipeline(rasters: list[Path], config: dict[str, Any], tag: str, num_cpus: int | None = None,
-             monitor: bool = True, timeout: int = 1500, extra: list[str] | None = None,
-             repo: Path = REPO, ray_up: bool = False) -> dict[str, Any]:
-    """One ``geoseg.pipeline.run`` in a child process (``bench/child_pipeline.py`` of ``repo``);
+def pipeline(
+    rasters: list[Path],
+    config: dict[str, Any],
+    tag: str,
+    num_cpus: int | None = None,
+    monitor: bool = True,
+    timeout: int = 1500,
+    extra: list[str] | None = None,
+    repo: Path = REPO,
+    ray_up: bool = False,
+) -> dict[str, Any]:
+    """One ``geoseg.runner.pipeline.run`` in a child process (``bench/child_pipeline.py`` of ``repo``);
     ``ray_up``: the child starts the local Ray before the timed ``run`` (as on a cluster, or a
     notebook's Ray), else ``run`` starts it (as ``geoseg run`` on a laptop)."""
     out_dir = SCRATCH / f"out-{tag}"
@@ -221,8 +283,10 @@ def pipeline(rasters: list[Path], config: dict[str, Any], tag: str, num_cpus: in
     if summaries:
         try:
             models = json.loads(summaries[0].read_text()).get("models", {})
-            res["outputs"] = {m: {c: v.get("count", v.get("pixels")) for c, v in d.get("classes", {}).items()}
-                              for m, d in models.items()}
+            res["outputs"] = {
+                m: {c: v.get("count", v.get("pixels")) for c, v in d.get("classes", {}).items()}
+                for m, d in models.items()
+            }
         except (OSError, ValueError, AttributeError):
             pass
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -263,40 +327,69 @@ def bench_trivial(size: int) -> dict[str, Any]:
     raster = write_raster(SCRATCH / f"syn-{size}.tif", size, pixel_size=PIXEL_SIZE_M)
     log(f"trivial: pipeline, 1x1-conv model, {size}^2, 2 CPUs, blended windows (the default tiling)")
     run = pipeline([raster], semantic_config(TRIVIAL, tile, halo, batch), f"trivial-{size}", num_cpus=2)
-    log(f"trivial: {_get(run, 'mpx_per_s_steady')} Mpx/s steady, {_get(run, 'mpx_per_s_end_to_end')} end to end,"
-        f" whole job peak {_get(run, 'whole_job_peak_mib')} MiB {run.get('error', '')}")
+    log(
+        f"trivial: {_get(run, 'mpx_per_s_steady')} Mpx/s steady, {_get(run, 'mpx_per_s_end_to_end')} end to end,"
+        f" whole job peak {_get(run, 'whole_job_peak_mib')} MiB {run.get('error', '')}"
+    )
     log("trivial: the same, core crop (blend none)")
-    core = pipeline([raster], semantic_config(TRIVIAL, tile, halo, batch, blend="none"), f"trivial-{size}-core",
-                    num_cpus=2)
+    core = pipeline(
+        [raster], semantic_config(TRIVIAL, tile, halo, batch, blend="none"), f"trivial-{size}-core", num_cpus=2
+    )
     checks = [
-        check("Mpx/s steady (core px after the first progress entry / first to last entry)",
-              _get(run, "mpx_per_s_steady"), "Mpx/s", ">= 8"),
+        check(
+            "Mpx/s steady (core px after the first progress entry / first to last entry)",
+            _get(run, "mpx_per_s_steady"),
+            "Mpx/s",
+            ">= 8",
+        ),
         check("Mpx/s end to end (core Mpx / run() wall)", _get(run, "mpx_per_s_end_to_end"), "Mpx/s", ">= 5"),
-        check("whole-job peak: driver RSS + PSS of every Ray process", _get(run, "whole_job_peak_mib"), "MiB",
-              f"<= {BOUND_MIB}"),
+        check(
+            "whole-job peak: driver RSS + PSS of every Ray process",
+            _get(run, "whole_job_peak_mib"),
+            "MiB",
+            f"<= {BOUND_MIB}",
+        ),
         check("driver peak RSS (VmHWM)", _get(run, "driver_peak_rss_mib"), "MiB"),
         check("Ray processes, peak PSS sum", _get(run, "ray_processes_peak_pss_sum_mib"), "MiB"),
         check("first tile after run() began", _get(run, "first_tile_s"), "s"),
         check("run() wall", _get(run, "wall_s"), "s"),
         check("core crop (blend none): Mpx/s end to end", _get(core, "mpx_per_s_end_to_end"), "Mpx/s"),
         check("core crop (blend none): whole-job peak", _get(core, "whole_job_peak_mib"), "MiB"),
-        check("blended / core crop: whole-job peak", ratio(_get(run, "whole_job_peak_mib"),
-                                                            _get(core, "whole_job_peak_mib")), "x"),
+        check(
+            "blended / core crop: whole-job peak",
+            ratio(_get(run, "whole_job_peak_mib"), _get(core, "whole_job_peak_mib")),
+            "x",
+        ),
         check("blended / core crop: run() wall", ratio(_get(run, "wall_s"), _get(core, "wall_s")), "x"),
     ]
     log("trivial: I/O floor (read every block, write a deflate COG mask), one process, one core")
     floor = _child("bench.child_io_floor", ["--input", str(raster), "--out", str(SCRATCH / "io-floor.tif")])
     checks += [
-        check("I/O floor on one core: read all blocks + write the mask COG", _get(floor, "mpx_per_s_one_core"),
-              "Mpx/s"),
-        check("pipeline steady / I/O floor on one core", ratio(_get(run, "mpx_per_s_steady"),
-                                                              _get(floor, "mpx_per_s_one_core"))),
+        check(
+            "I/O floor on one core: read all blocks + write the mask COG", _get(floor, "mpx_per_s_one_core"), "Mpx/s"
+        ),
+        check(
+            "pipeline steady / I/O floor on one core",
+            ratio(_get(run, "mpx_per_s_steady"), _get(floor, "mpx_per_s_one_core")),
+        ),
     ]
-    return {"title": "Pipeline ceiling: trivial model", "checks": checks, "run": run, "core_crop": core,
-            "io_floor": floor,
-            "parameters": {"size": size, "tile_size": tile, "halo": halo, "batch_size": batch, "model": TRIVIAL,
-                           "ray_cpus": 2, "device": "cpu",
-                           "raster": "synthetic 3-band uint8, deflate, 512 blocks, 10 m UTM (bench/rasters.py)"}}
+    return {
+        "title": "Pipeline ceiling: trivial model",
+        "checks": checks,
+        "run": run,
+        "core_crop": core,
+        "io_floor": floor,
+        "parameters": {
+            "size": size,
+            "tile_size": tile,
+            "halo": halo,
+            "batch_size": batch,
+            "model": TRIVIAL,
+            "ray_cpus": 2,
+            "device": "cpu",
+            "raster": "synthetic 3-band uint8, deflate, 512 blocks, 10 m UTM (bench/rasters.py)",
+        },
+    }
 
 
 def bench_floor(trivial: dict[str, Any] | None) -> dict[str, Any]:
@@ -315,27 +408,56 @@ def bench_floor(trivial: dict[str, Any] | None) -> dict[str, Any]:
         return (_get(rest[name], moment) or {}).get("whole_job_peak_mib")
 
     peak = _get((trivial or {}).get("run", {}), "whole_job_peak_mib") if trivial else None
-    log(f"floor: Ray alone {whole('trivial', 'ray')} MiB; ready: trivial {whole('trivial', 'ready')} MiB,"
-        f" default {whole('default', 'ready')} MiB")
+    log(
+        f"floor: Ray alone {whole('trivial', 'ray')} MiB; ready: trivial {whole('trivial', 'ready')} MiB,"
+        f" default {whole('default', 'ready')} MiB"
+    )
     checks = [
-        check("driver with geoseg imported, before Ray (RSS)",
-              (_get(rest["trivial"], "driver") or {}).get("driver_rss_mib"), "MiB"),
-        check("whole job, local Ray started, nothing of geoseg's in it (Ray's processes and idle workers)",
-              whole("trivial", "ray"), "MiB"),
-        check("whole job, every geoseg process ready, no tile sent: trivial model (as the trivial section)",
-              whole("trivial", "ready"), "MiB"),
-        check("whole job, every geoseg process ready, no tile sent: configs/synthetic.yaml (three smp U-Nets)",
-              whole("default", "ready"), "MiB"),
-        check(f"share of the {BOUND_MIB} MiB bound taken before the first tile (trivial model)",
-              ratio(whole("trivial", "ready"), BOUND_MIB), ""),
-        check("what the pixels add: trivial section's whole-job peak - the ready figure (trivial model)",
-              round(peak - whole("trivial", "ready"), 1) if isinstance(peak, (int, float)) and
-              isinstance(whole("trivial", "ready"), (int, float)) else None, "MiB"),
+        check(
+            "driver with geoseg imported, before Ray (RSS)",
+            (_get(rest["trivial"], "driver") or {}).get("driver_rss_mib"),
+            "MiB",
+        ),
+        check(
+            "whole job, local Ray started, nothing of geoseg's in it (Ray's processes and idle workers)",
+            whole("trivial", "ray"),
+            "MiB",
+        ),
+        check(
+            "whole job, every geoseg process ready, no tile sent: trivial model (as the trivial section)",
+            whole("trivial", "ready"),
+            "MiB",
+        ),
+        check(
+            "whole job, every geoseg process ready, no tile sent: configs/synthetic.yaml (three smp U-Nets)",
+            whole("default", "ready"),
+            "MiB",
+        ),
+        check(
+            f"share of the {BOUND_MIB} MiB bound taken before the first tile (trivial model)",
+            ratio(whole("trivial", "ready"), BOUND_MIB),
+            "",
+        ),
+        check(
+            "what the pixels add: trivial section's whole-job peak - the ready figure (trivial model)",
+            round(peak - whole("trivial", "ready"), 1)
+            if isinstance(peak, (int, float)) and isinstance(whole("trivial", "ready"), (int, float))
+            else None,
+            "MiB",
+        ),
     ]
-    return {"title": "Memory before the first tile: the floor of the whole-job figure", "checks": checks,
-            "at_rest": rest, "parameters": {"ray_cpus": 2, "settle_s": 2.0, "trivial": TRIVIAL,
-                                            "default": str(DEFAULT_CONFIG.relative_to(REPO)),
-                                            "figure": "driver RSS + PSS of every Ray process, one sample"}}
+    return {
+        "title": "Memory before the first tile: the floor of the whole-job figure",
+        "checks": checks,
+        "at_rest": rest,
+        "parameters": {
+            "ray_cpus": 2,
+            "settle_s": 2.0,
+            "trivial": TRIVIAL,
+            "default": str(DEFAULT_CONFIG.relative_to(REPO)),
+            "figure": "driver RSS + PSS of every Ray process, one sample",
+        },
+    }
 
 
 def bench_unet(size: int, batches: int) -> dict[str, Any]:
@@ -344,22 +466,41 @@ def bench_unet(size: int, batches: int) -> dict[str, Any]:
     state = SCRATCH / "unet-resnet18-state.pt"
     threads = os.cpu_count() or 1
     log(f"unet: model alone, {threads} threads, {batches} batches of {batch} at the padded side")
-    alone = _child("bench.child_model", ["--factory", UNET_MODULE, "--tile-size", str(tile), "--halo", str(halo),
-                                         "--batch-size", str(batch), "--threads", str(threads),
-                                         "--batches", str(batches), "--save-state", str(state)])
+    alone = _child(
+        "bench.child_model",
+        [
+            "--factory",
+            UNET_MODULE,
+            "--tile-size",
+            str(tile),
+            "--halo",
+            str(halo),
+            "--batch-size",
+            str(batch),
+            "--threads",
+            str(threads),
+            "--batches",
+            str(batches),
+            "--save-state",
+            str(state),
+        ],
+    )
     # Blended windows are the default; "core crop" (blend none: one window per tile, its core kept)
     # is what the pipeline did before and what the model-alone figure times.
     log(f"unet: pipeline, {size}^2, core crop (blend none, tile {tile} halo {halo})")
     pipe = pipeline([raster], semantic_config(UNET_FILE, tile, halo, batch, blend="none"), f"unet-{size}")
     log(f"unet: pipeline, {size}^2, Ray already up, core crop")
-    pipe_up = pipeline([raster], semantic_config(UNET_FILE, tile, halo, batch, blend="none"), f"unet-{size}-up",
-                       ray_up=True)
+    pipe_up = pipeline(
+        [raster], semantic_config(UNET_FILE, tile, halo, batch, blend="none"), f"unet-{size}-up", ray_up=True
+    )
     blended: dict[str, dict[str, Any]] = {}
     for w, o, precision in BLEND_SETTINGS:
         log(f"unet: pipeline, {size}^2, blended windows {w} overlap {o}, tile {BLEND_TILE} halo {halo}, {precision}")
         blended[f"{w}/{o} {precision}"] = pipeline(
-            [raster], semantic_config(UNET_FILE, BLEND_TILE, halo, batch, precision=precision, window=w, overlap=o),
-            f"unet-{size}-blend-{w}-{o}-{precision}")
+            [raster],
+            semantic_config(UNET_FILE, BLEND_TILE, halo, batch, precision=precision, window=w, overlap=o),
+            f"unet-{size}-blend-{w}-{o}-{precision}",
+        )
     log("unet: peer environment (geoai-py)")
     from bench.peer import ensure_peer_venv
 
@@ -373,38 +514,71 @@ def bench_unet(size: int, batches: int) -> dict[str, Any]:
         log(f"unet: peer, geoai-py {env['geoai_version']} predict_geotiff, tile {tile} overlap {overlap}")
         out_tif = SCRATCH / f"peer-{size}.tif"
         load = _load()
-        peer = _child("bench.child_peer", ["--input", str(raster), "--output", str(out_tif), "--state", str(state),
-                                           "--tile-size", str(tile), "--overlap", str(overlap),
-                                           "--batch-size", str(batch)], python=env["python"])
+        peer = _child(
+            "bench.child_peer",
+            [
+                "--input",
+                str(raster),
+                "--output",
+                str(out_tif),
+                "--state",
+                str(state),
+                "--tile-size",
+                str(tile),
+                "--overlap",
+                str(overlap),
+                "--batch-size",
+                str(batch),
+            ],
+            python=env["python"],
+        )
         peer.update(load_avg_before=load, load_avg_after=_load())
         out_tif.unlink(missing_ok=True)
     alone_mpx = _get(alone, "mpx_per_s")
     e2e, steady = _get(pipe, "mpx_per_s_end_to_end"), _get(pipe, "mpx_per_s_steady")
     geoai_s, geoseg_s = _get(peer, "call_s"), _get(pipe, "wall_s")
-    same_weights = (None if "error" in alone or "error" in peer
-                    else alone.get("weights_digest") == peer.get("weights_digest"))
+    same_weights = (
+        None if "error" in alone or "error" in peer else alone.get("weights_digest") == peer.get("weights_digest")
+    )
     budget = cpu_budget(pipe, alone, threads)
     checks = [
-        check(f"U-Net alone, {threads} threads (all cores), forward + argmax, median batch, fastest layout and call size", alone_mpx, "Mpx/s"),
+        check(
+            f"U-Net alone, {threads} threads (all cores), forward + argmax, median batch, fastest layout and call size",
+            alone_mpx,
+            "Mpx/s",
+        ),
         check("pipeline, core crop, end to end (core Mpx / run() wall)", e2e, "Mpx/s"),
         check("pipeline, core crop, steady", steady, "Mpx/s"),
         check("pipeline, core crop / model alone, end to end", ratio(e2e, alone_mpx), "", ">= 0.65"),
         check("pipeline, core crop / model alone, steady", ratio(steady, alone_mpx), ""),
-        check("pipeline / model alone, end to end, Ray already up (started before run(), as on a cluster)",
-              ratio(_get(pipe_up, "mpx_per_s_end_to_end"), alone_mpx), ""),
+        check(
+            "pipeline / model alone, end to end, Ray already up (started before run(), as on a cluster)",
+            ratio(_get(pipe_up, "mpx_per_s_end_to_end"), alone_mpx),
+            "",
+        ),
         check("job CPU: every process of the run, driver included", budget.get("job_cpu_s"), "core-s"),
         check("of which the model actor", budget.get("model_actor_cpu_s"), "core-s"),
-        check(f"model alone for the same tiles (median batch wall x batches x {threads} threads)",
-              budget.get("model_alone_cpu_s"), "core-s"),
-        check(f"shortest wall that job CPU allows on {threads} cores (job CPU / cores)",
-              budget.get("wall_floor_s"), "s"),
-        check("highest end-to-end ratio that job CPU allows (model-alone wall / that floor)",
-              budget.get("ratio_ceiling"), ""),
+        check(
+            f"model alone for the same tiles (median batch wall x batches x {threads} threads)",
+            budget.get("model_alone_cpu_s"),
+            "core-s",
+        ),
+        check(
+            f"shortest wall that job CPU allows on {threads} cores (job CPU / cores)", budget.get("wall_floor_s"), "s"
+        ),
+        check(
+            "highest end-to-end ratio that job CPU allows (model-alone wall / that floor)",
+            budget.get("ratio_ceiling"),
+            "",
+        ),
         check("geoseg run() wall, core crop", geoseg_s, "s"),
         check(f"geoai-py {env.get('geoai_version', '?')} predict_geotiff wall (the call)", geoai_s, "s"),
         check("geoseg core crop / geoai speed (geoai call s / geoseg run() s)", ratio(geoai_s, geoseg_s), "x"),
-        check("geoseg / geoai speed, whole processes, Popen to exit (imports, Ray start/stop included)",
-              ratio(_get(peer, "process_wall_s"), _get(pipe, "process_wall_s")), "x"),
+        check(
+            "geoseg / geoai speed, whole processes, Popen to exit (imports, Ray start/stop included)",
+            ratio(_get(peer, "process_wall_s"), _get(pipe, "process_wall_s")),
+            "x",
+        ),
         check("same weights in the model-alone and the peer run (state_dict digest)", same_weights, "", "yes"),
     ]
     for key, run in blended.items():
@@ -414,22 +588,38 @@ def bench_unet(size: int, batches: int) -> dict[str, Any]:
         checks += [
             check(f"blended {key} (networks on {work}x the pixels): run() wall", _get(run, "wall_s"), "s"),
             check(f"blended {key} / core crop fp32, run() wall", ratio(_get(run, "wall_s"), geoseg_s), "x"),
-            check(f"geoseg blended {key} / geoai speed (geoai call s / geoseg run() s)",
-                  ratio(geoai_s, _get(run, "wall_s")), "x"),
+            check(
+                f"geoseg blended {key} / geoai speed (geoai call s / geoseg run() s)",
+                ratio(geoai_s, _get(run, "wall_s")),
+                "x",
+            ),
             check(f"blended {key}: whole-job peak memory", _get(run, "whole_job_peak_mib"), "MiB"),
         ]
-    return {"title": "U-Net ResNet-18: pipeline vs the model alone vs geoai-py", "checks": checks,
-            "model_alone": alone, "pipeline": pipe, "pipeline_ray_up": pipe_up, "pipeline_blended": blended,
-            "cpu_budget": budget,
-            "peer": peer, "peer_env": env,
-            "parameters": {"size": size, "tile_size": tile, "halo": halo, "batch_size": batch,
-                           "padded_side": alone.get("padded_side"), "model_alone_threads": threads,
-                           "model": "smp.Unet('resnet18', encoder_weights=None, in_channels=3, classes=5), seed 0",
-                           "pipeline_ray_cpus": "all (run() starts Ray; the Ray-up run starts it first)",
-                           "device": "cpu",
-                           "peer": f"geoai-py predict_geotiff, tile {tile}, overlap {overlap}, batch {batch}, "
-                                   "spline blending (default), argmax postprocess, uint8 out",
-                           "peer_call": peer.get("call")}}
+    return {
+        "title": "U-Net ResNet-18: pipeline vs the model alone vs geoai-py",
+        "checks": checks,
+        "model_alone": alone,
+        "pipeline": pipe,
+        "pipeline_ray_up": pipe_up,
+        "pipeline_blended": blended,
+        "cpu_budget": budget,
+        "peer": peer,
+        "peer_env": env,
+        "parameters": {
+            "size": size,
+            "tile_size": tile,
+            "halo": halo,
+            "batch_size": batch,
+            "padded_side": alone.get("padded_side"),
+            "model_alone_threads": threads,
+            "model": "smp.Unet('resnet18', encoder_weights=None, in_channels=3, classes=5), seed 0",
+            "pipeline_ray_cpus": "all (run() starts Ray; the Ray-up run starts it first)",
+            "device": "cpu",
+            "peer": f"geoai-py predict_geotiff, tile {tile}, overlap {overlap}, batch {batch}, "
+            "spline blending (default), argmax postprocess, uint8 out",
+            "peer_call": peer.get("call"),
+        },
+    }
 
 
 def cpu_budget(pipe: dict[str, Any], alone: dict[str, Any], threads: int) -> dict[str, Any]:
@@ -442,10 +632,14 @@ def cpu_budget(pipe: dict[str, Any], alone: dict[str, Any], threads: int) -> dic
     job = sum(by_process.values()) + (_get(pipe, "driver_cpu_s") or 0.0)
     alone_wall = tiles / batch * batch_s
     floor = job / threads
-    return {"job_cpu_s": round(job, 1),
-            "model_actor_cpu_s": round(sum(v for k, v in by_process.items() if "PredictorWorker" in k), 1),
-            "model_alone_wall_s": round(alone_wall, 2), "model_alone_cpu_s": round(alone_wall * threads, 1),
-            "wall_floor_s": round(floor, 1), "ratio_ceiling": round(alone_wall / floor, 3)}
+    return {
+        "job_cpu_s": round(job, 1),
+        "model_actor_cpu_s": round(sum(v for k, v in by_process.items() if "PredictorWorker" in k), 1),
+        "model_alone_wall_s": round(alone_wall, 2),
+        "model_alone_cpu_s": round(alone_wall * threads, 1),
+        "wall_floor_s": round(floor, 1),
+        "ratio_ceiling": round(alone_wall / floor, 3),
+    }
 
 
 def bench_driver_cpu(sizes: list[int]) -> dict[str, Any]:
@@ -456,33 +650,53 @@ def bench_driver_cpu(sizes: list[int]) -> dict[str, Any]:
         res = pipeline([raster], three_heads_config(), f"cpu-{size}", monitor=False, extra=["--idle-seconds", "5"])
         res["size"] = size
         runs.append(res)
-        log(f"driver_cpu: {size}^2 -> driver CPU {_get(res, 'driver_cpu_s')} s, wall {_get(res, 'wall_s')} s"
-            f" {res.get('error', '')}")
+        log(
+            f"driver_cpu: {size}^2 -> driver CPU {_get(res, 'driver_cpu_s')} s, wall {_get(res, 'wall_s')} s"
+            f" {res.get('error', '')}"
+        )
     ok = [r for r in runs if "error" not in r]
     per_mpx = None
     if len(ok) == 2:
         small, big = ok
-        per_mpx = round((big["driver_cpu_s"] - small["driver_cpu_s"])
-                        / (big["core_megapixels"] - small["core_megapixels"]), 5)
+        per_mpx = round(
+            (big["driver_cpu_s"] - small["driver_cpu_s"]) / (big["core_megapixels"] - small["core_megapixels"]), 5
+        )
     net = None
     if per_mpx is not None and isinstance(ok[1].get("driver_idle_cpu_s_per_s"), float):
         small, big = ok
         idle = big["driver_idle_cpu_s_per_s"]
-        net = round((big["driver_cpu_s"] - small["driver_cpu_s"] - idle * (big["wall_s"] - small["wall_s"]))
-                    / (big["core_megapixels"] - small["core_megapixels"]), 5)
-    checks = [check("driver CPU per extra Mpx: (cpu_big - cpu_small) / (Mpx_big - Mpx_small)", per_mpx, "s/Mpx",
-                    "<= 0.01"),
-              check("driver CPU of Ray's own threads while idle (a cost per second, not per pixel)",
-                    _get(ok[-1], "driver_idle_cpu_s_per_s") if ok else None, "s/s"),
-              check("driver CPU per extra Mpx less that idle cost over the extra wall time", net, "s/Mpx")]
+        net = round(
+            (big["driver_cpu_s"] - small["driver_cpu_s"] - idle * (big["wall_s"] - small["wall_s"]))
+            / (big["core_megapixels"] - small["core_megapixels"]),
+            5,
+        )
+    checks = [
+        check("driver CPU per extra Mpx: (cpu_big - cpu_small) / (Mpx_big - Mpx_small)", per_mpx, "s/Mpx", "<= 0.01"),
+        check(
+            "driver CPU of Ray's own threads while idle (a cost per second, not per pixel)",
+            _get(ok[-1], "driver_idle_cpu_s_per_s") if ok else None,
+            "s/s",
+        ),
+        check("driver CPU per extra Mpx less that idle cost over the extra wall time", net, "s/Mpx"),
+    ]
     for r in runs:
         checks.append(check(f"driver CPU (user + sys) around run(), {r['size']}^2", _get(r, "driver_cpu_s"), "s"))
         checks.append(check(f"run() wall, {r['size']}^2", _get(r, "wall_s"), "s"))
-    return {"title": "Driver CPU per megapixel (three heads)", "checks": checks, "runs": runs,
-            "parameters": {"sizes": sizes, "tile_size": 512, "halo": 64, "batch_size": "default (8)",
-                           "heads": "landuse semantic 5 classes (landuse_blocks), buildings instance "
-                                    "[body, border, contact] (buildings_blocks), ships instance [body] (ships_blocks)",
-                           "device": "cpu", "ray_cpus": "all (run() starts Ray)"}}
+    return {
+        "title": "Driver CPU per megapixel (three heads)",
+        "checks": checks,
+        "runs": runs,
+        "parameters": {
+            "sizes": sizes,
+            "tile_size": 512,
+            "halo": 64,
+            "batch_size": "default (8)",
+            "heads": "landuse semantic 5 classes (landuse_blocks), buildings instance "
+            "[body, border, contact] (buildings_blocks), ships instance [body] (ships_blocks)",
+            "device": "cpu",
+            "ray_cpus": "all (run() starts Ray)",
+        },
+    }
 
 
 def bench_start() -> dict[str, Any]:
@@ -490,8 +704,14 @@ def bench_start() -> dict[str, Any]:
     geoseg_exe = Path(sys.executable).parent / "geoseg"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     t = time.monotonic()
-    synth = subprocess.run([str(geoseg_exe), "synth", str(img), "--size", "1024", "--seed", "1"], cwd=REPO, env=env,
-                           capture_output=True, text=True, timeout=600)
+    synth = subprocess.run(
+        [str(geoseg_exe), "synth", str(img), "--size", "1024", "--seed", "1"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     synth_s = round(time.monotonic() - t, 2)
     if synth.returncode:
         return {"title": "Start-up", "error": f"geoseg synth failed: {synth.stderr[-1500:]}", "checks": []}
@@ -510,31 +730,49 @@ def bench_start() -> dict[str, Any]:
     # 19b7d18), click refuses it at once (exit 2) and the command is `geoseg -q run IMAGE --out DIR`.
     for args in (["run", str(img), "--out", str(out_b), "-q"], ["-q", "run", str(img), "--out", str(out_b)]):
         t = time.monotonic()
-        proc = subprocess.run([str(geoseg_exe), *args], cwd=REPO, env=env, capture_output=True, text=True,
-                              timeout=900)
+        proc = subprocess.run([str(geoseg_exe), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
         wall = round(time.monotonic() - t, 3)
         if not (proc.returncode == 2 and "No such option" in proc.stderr):
             break
     cmd = " ".join(["geoseg", *args]).replace(str(img), img.name).replace(str(out_b), out_b.name)
-    cli = {"command": cmd, "wall_s": wall, "exit_code": proc.returncode,
-           "stdout_tail": proc.stdout[-500:], "stderr_tail": proc.stderr[-1500:],
-           "load_avg_before": load, "load_avg_after": _load()}
+    cli = {
+        "command": cmd,
+        "wall_s": wall,
+        "exit_code": proc.returncode,
+        "stdout_tail": proc.stdout[-500:],
+        "stderr_tail": proc.stderr[-1500:],
+        "load_avg_before": load,
+        "load_avg_after": _load(),
+    }
     shutil.rmtree(out_b, ignore_errors=True)
-    log(f"start: first tile {_get(child, 'first_tile_s')} s from process start; CLI {cli['wall_s']} s"
-        f" (exit {proc.returncode})")
+    log(
+        f"start: first tile {_get(child, 'first_tile_s')} s from process start; CLI {cli['wall_s']} s"
+        f" (exit {proc.returncode})"
+    )
     checks = [
-        check("first tile, from process start (geoseg run's code path, default config)",
-              _get(child, "first_tile_s"), "s", "<= 10"),
-        check("the real command (below), Popen to exit",
-              cli["wall_s"] if proc.returncode == 0 else None, "s", "<= 20"),
+        check(
+            "first tile, from process start (geoseg run's code path, default config)",
+            _get(child, "first_tile_s"),
+            "s",
+            "<= 10",
+        ),
+        check("the real command (below), Popen to exit", cli["wall_s"] if proc.returncode == 0 else None, "s", "<= 20"),
         check("command timed", cli["command"], ""),
         check("same code path: process start to run() returned", _get(child, "total_s"), "s"),
         check("process start to run() began (interpreter, imports, config)", _get(child, "imports_s"), "s"),
     ]
-    return {"title": "Start-up: first tile and end to end from the command", "checks": checks,
-            "child": child, "cli": cli, "synth_s": synth_s,
-            "parameters": {"image": "geoseg synth --size 1024 --seed 1", "config": "configs/synthetic.yaml",
-                           "order": "child first, then the CLI (both with warm file caches after the other sections)"}}
+    return {
+        "title": "Start-up: first tile and end to end from the command",
+        "checks": checks,
+        "child": child,
+        "cli": cli,
+        "synth_s": synth_s,
+        "parameters": {
+            "image": "geoseg synth --size 1024 --seed 1",
+            "config": "configs/synthetic.yaml",
+            "order": "child first, then the CLI (both with warm file caches after the other sections)",
+        },
+    }
 
 
 def bench_small_scenes(count: int, size: int) -> dict[str, Any]:
@@ -550,8 +788,12 @@ def bench_small_scenes(count: int, size: int) -> dict[str, Any]:
     before = SCRATCH / "worktree-before"
     shutil.rmtree(before, ignore_errors=True)
     subprocess.run(["git", "worktree", "prune"], cwd=REPO, capture_output=True)
-    made = subprocess.run(["git", "worktree", "add", "--detach", str(before), SMALL_SCENES_BEFORE], cwd=REPO,
-                          capture_output=True, text=True)
+    made = subprocess.run(
+        ["git", "worktree", "add", "--detach", str(before), SMALL_SCENES_BEFORE],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     versions = [("after", REPO)] + ([("before", before)] if made.returncode == 0 else [])
     try:
         for tag, repo in versions:
@@ -567,17 +809,32 @@ def bench_small_scenes(count: int, size: int) -> dict[str, Any]:
             subprocess.run(["git", "worktree", "remove", "--force", str(before)], cwd=REPO, capture_output=True)
     after, old = runs.get("after", {}), runs.get("before", {})
     checks = [
-        check(f"seconds per scene, run() wall / {count} (Ray start included), after", after.get("seconds_per_scene"), "s"),
-        check(f"seconds per scene, run() wall / {count}, before ({SMALL_SCENES_BEFORE})", old.get("seconds_per_scene"), "s"),
+        check(
+            f"seconds per scene, run() wall / {count} (Ray start included), after", after.get("seconds_per_scene"), "s"
+        ),
+        check(
+            f"seconds per scene, run() wall / {count}, before ({SMALL_SCENES_BEFORE})",
+            old.get("seconds_per_scene"),
+            "s",
+        ),
         check("seconds per scene between first and last tile, after", after.get("seconds_per_scene_steady"), "s"),
         check("seconds per scene between first and last tile, before", old.get("seconds_per_scene_steady"), "s"),
         check("before / after (run() wall)", ratio(old.get("wall_s"), after.get("wall_s"), 2), "x"),
     ]
     if made.returncode != 0:
         checks.append(check("before: git worktree failed", made.stderr.strip()[:200], ""))
-    return {"title": f"Fixed cost per scene: {count} rasters of {size} x {size}, default config", "checks": checks,
-            "runs": runs, "parameters": {"count": count, "size": size, "config": "configs/synthetic.yaml",
-                                         "before": SMALL_SCENES_BEFORE, "ray_cpus": "all (run() starts Ray)"}}
+    return {
+        "title": f"Fixed cost per scene: {count} rasters of {size} x {size}, default config",
+        "checks": checks,
+        "runs": runs,
+        "parameters": {
+            "count": count,
+            "size": size,
+            "config": "configs/synthetic.yaml",
+            "before": SMALL_SCENES_BEFORE,
+            "ray_cpus": "all (run() starts Ray)",
+        },
+    }
 
 
 def _default_config_dict() -> dict[str, Any]:
@@ -620,10 +877,13 @@ def bench_worldcover(quick: bool, reference: dict[str, Any] | None) -> dict[str,
     with rasterio.open(src) as ds:
         shape = (ds.width, ds.height, ds.count, str(ds.dtypes[0]), ds.nodata, str(ds.crs))
     log(f"worldcover: {src.name} ({shape[0]} x {shape[1]}), trivial model, bands [1, 1, 1], 2 CPUs")
-    run = pipeline([src], semantic_config(TRIVIAL, tile, halo, batch, bands=[1, 1, 1]), "worldcover", num_cpus=2,
-                   timeout=2400)
-    log(f"worldcover: whole job peak {_get(run, 'whole_job_peak_mib')} MiB, driver peak"
-        f" {_get(run, 'driver_peak_rss_mib')} MiB, wall {_get(run, 'wall_s')} s {run.get('error', '')}")
+    run = pipeline(
+        [src], semantic_config(TRIVIAL, tile, halo, batch, bands=[1, 1, 1]), "worldcover", num_cpus=2, timeout=2400
+    )
+    log(
+        f"worldcover: whole job peak {_get(run, 'whole_job_peak_mib')} MiB, driver peak"
+        f" {_get(run, 'driver_peak_rss_mib')} MiB, wall {_get(run, 'wall_s')} s {run.get('error', '')}"
+    )
     ref_run = (reference or {}).get("run", {}) if reference else {}
     ref_size = (reference or {}).get("parameters", {}).get("size")
 
@@ -632,24 +892,49 @@ def bench_worldcover(quick: bool, reference: dict[str, Any] | None) -> dict[str,
 
     ref = f"the {ref_size}^2 trivial run" if ref_size else "the trivial run (not available)"
     checks = [
-        check("whole-job peak: driver RSS + PSS of every Ray process", _get(run, "whole_job_peak_mib"), "MiB",
-              f"<= {BOUND_MIB}"),
+        check(
+            "whole-job peak: driver RSS + PSS of every Ray process",
+            _get(run, "whole_job_peak_mib"),
+            "MiB",
+            f"<= {BOUND_MIB}",
+        ),
         check(f"whole-job peak / that of {ref}", vs("whole_job_peak_mib"), "x", "<= 1.1"),
         check("driver peak RSS (VmHWM)", _get(run, "driver_peak_rss_mib"), "MiB"),
         check(f"driver peak RSS / that of {ref}", vs("driver_peak_rss_mib"), "x", "<= 1.1"),
         check("run() wall", _get(run, "wall_s"), "s"),
-        check("tiles in the raster / tile results that reached the writer (all-nodata tiles skipped)",
-              f"{_get(run, 'tiles')} / {_get(run, 'progress_entries')} entries, "
-              f"{_get(run, 'core_megapixels_progress')} Mpx", ""),
+        check(
+            "tiles in the raster / tile results that reached the writer (all-nodata tiles skipped)",
+            f"{_get(run, 'tiles')} / {_get(run, 'progress_entries')} entries, "
+            f"{_get(run, 'core_megapixels_progress')} Mpx",
+            "",
+        ),
         check("Mpx/s end to end (all core pixels, nodata included)", _get(run, "mpx_per_s_end_to_end"), "Mpx/s"),
     ]
-    return {"title": "Memory on the 36000^2 ESA WorldCover tile", "checks": checks, "run": run,
-            "reference": {"size": ref_size, "whole_job_peak_mib": ref_run.get("whole_job_peak_mib"),
-                          "driver_peak_rss_mib": ref_run.get("driver_peak_rss_mib")},
-            "parameters": {"input": str(src.relative_to(REPO.parent)) if src.is_relative_to(REPO.parent) else str(src),
-                           "width": shape[0], "height": shape[1], "count": shape[2], "dtype": shape[3],
-                           "nodata": shape[4], "crs": shape[5], "bands": [1, 1, 1], "tile_size": tile, "halo": halo,
-                           "batch_size": batch, "model": TRIVIAL, "ray_cpus": 2}}
+    return {
+        "title": "Memory on the 36000^2 ESA WorldCover tile",
+        "checks": checks,
+        "run": run,
+        "reference": {
+            "size": ref_size,
+            "whole_job_peak_mib": ref_run.get("whole_job_peak_mib"),
+            "driver_peak_rss_mib": ref_run.get("driver_peak_rss_mib"),
+        },
+        "parameters": {
+            "input": str(src.relative_to(REPO.parent)) if src.is_relative_to(REPO.parent) else str(src),
+            "width": shape[0],
+            "height": shape[1],
+            "count": shape[2],
+            "dtype": shape[3],
+            "nodata": shape[4],
+            "crs": shape[5],
+            "bands": [1, 1, 1],
+            "tile_size": tile,
+            "halo": halo,
+            "batch_size": batch,
+            "model": TRIVIAL,
+            "ray_cpus": 2,
+        },
+    }
 
 
 def bench_instances(sizes: list[int], tile: int, halo: int) -> dict[str, Any]:
@@ -658,34 +943,49 @@ def bench_instances(sizes: list[int], tile: int, halo: int) -> dict[str, Any]:
         log(f"instances: {size} x {size}, tile {tile}")
         gpkg = SCRATCH / f"inst-{size}.gpkg"
         load = _load()
-        res = _child("bench.child_instances", ["--size", str(size), "--tile-size", str(tile), "--halo", str(halo),
-                                               "--gpkg", str(gpkg)])
+        res = _child(
+            "bench.child_instances",
+            ["--size", str(size), "--tile-size", str(tile), "--halo", str(halo), "--gpkg", str(gpkg)],
+        )
         res.update(load_avg_before=load, load_avg_after=_load())
         gpkg.unlink(missing_ok=True)
         runs.append(res)
-        log(f"instances: {size}^2 -> {res.get('objects_emitted')} objects, {res.get('seconds', {}).get('total')} s"
-            f" {res.get('error', '')}")
+        log(
+            f"instances: {size}^2 -> {res.get('objects_emitted')} objects, {res.get('seconds', {}).get('total')} s"
+            f" {res.get('error', '')}"
+        )
     ok = [r for r in runs if "error" not in r]
     figures: dict[str, Any] = {}
     if ok:
-        figures["all_objects_recovered"] = all(r["objects_emitted"] == r["objects_planted"]
-                                               and r["pixels_emitted"] == r["pixels_planted"] for r in ok)
+        figures["all_objects_recovered"] = all(
+            r["objects_emitted"] == r["objects_planted"] and r["pixels_emitted"] == r["pixels_planted"] for r in ok
+        )
     if len(ok) >= 2:
         small, big = ok[0], ok[-1]
         figures["objects_ratio"] = round(big["objects_planted"] / small["objects_planted"], 2)
         figures["time_ratio"] = round(big["seconds"]["total"] / small["seconds"]["total"], 2)
         figures["us_per_object_ratio"] = round(big["us_per_object"]["total"] / small["us_per_object"]["total"], 2)
         figures["roughly_linear"] = figures["us_per_object_ratio"] < 1.5
-    checks = [check("every planted object emitted once, exact pixel count", figures.get("all_objects_recovered"),
-                    "", "yes"),
-              check("per-object cost, larger / smaller scene", figures.get("us_per_object_ratio"), "x", "<= 1.5")]
+    checks = [
+        check("every planted object emitted once, exact pixel count", figures.get("all_objects_recovered"), "", "yes"),
+        check("per-object cost, larger / smaller scene", figures.get("us_per_object_ratio"), "x", "<= 1.5"),
+    ]
     for r in ok:
         checks.append(check(f"{r['size']}^2: {r['objects_planted']:,} objects, total", r["seconds"]["total"], "s"))
-    return {"title": "Instance decoding + vectorising + seam merging + export", "checks": checks,
-            "parameters": {"sizes": sizes, "tile_size": tile, "halo": halo, "channels": ["body"],
-                           "objects": "jittered 40 px grid, 65% filled, 6-24 px boxes, ~2% 100-320 px long",
-                           "pixel_size_m": 0.5},
-            "runs": runs, "figures": figures}
+    return {
+        "title": "Instance decoding + vectorising + seam merging + export",
+        "checks": checks,
+        "parameters": {
+            "sizes": sizes,
+            "tile_size": tile,
+            "halo": halo,
+            "channels": ["body"],
+            "objects": "jittered 40 px grid, 65% filled, 6-24 px boxes, ~2% 100-320 px long",
+            "pixel_size_m": 0.5,
+        },
+        "runs": runs,
+        "figures": figures,
+    }
 
 
 # --------------------------------------------------------------------------------------------- main
@@ -705,7 +1005,7 @@ def _cloud_stack() -> Path | None:
 
 def bench_precision() -> dict[str, Any]:
     """bf16 against float32 (``runtime.precision``) for each shipped config on an input it is for."""
-    from geoseg.synth import write_scene
+    from geoseg.train.synth import write_scene
 
     synth = SCRATCH / "precision-synth-1024.tif"
     write_scene(synth, size=1024, seed=31)
@@ -730,12 +1030,26 @@ def bench_precision() -> dict[str, Any]:
         counts = case["runs"]
         for model, classes in counts["fp32"].get("counts", {}).items():
             for cls, n in classes.items():
-                checks.append(check(f"{case['case']} / {model}: objects fp32 -> bf16",
-                                    f"{n} -> {counts['bf16']['counts'][model][cls]}", ""))
-        checks.append(check(f"{case['case']}: run() wall fp32 / bf16 (device {counts['bf16'].get('device')})",
-                            case.get("speedup_bf16"), "x"))
-    return {"title": "Number format: bf16 against float32 for the shipped configs", "checks": checks, "runs": res,
-            "parameters": {"cases": cases, "device": "cpu"}}
+                checks.append(
+                    check(
+                        f"{case['case']} / {model}: objects fp32 -> bf16",
+                        f"{n} -> {counts['bf16']['counts'][model][cls]}",
+                        "",
+                    )
+                )
+        checks.append(
+            check(
+                f"{case['case']}: run() wall fp32 / bf16 (device {counts['bf16'].get('device')})",
+                case.get("speedup_bf16"),
+                "x",
+            )
+        )
+    return {
+        "title": "Number format: bf16 against float32 for the shipped configs",
+        "checks": checks,
+        "runs": res,
+        "parameters": {"cases": cases, "device": "cpu"},
+    }
 
 
 def load_results(path: Path) -> dict[str, Any]:
@@ -780,8 +1094,11 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results.json")
     ap.add_argument("--only", default=",".join(SECTIONS), help="comma-separated: " + ", ".join(SECTIONS))
     ap.add_argument("--quick", action="store_true", help="small sizes: a smoke test of the harness, not figures")
-    ap.add_argument("--keep-scratch", action="store_true", help="keep scratch rasters and outputs (the peer venv "
-                                                                 "under bench/scratch is always kept)")
+    ap.add_argument(
+        "--keep-scratch",
+        action="store_true",
+        help="keep scratch rasters and outputs (the peer venv under bench/scratch is always kept)",
+    )
     args = ap.parse_args()
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = set(only) - set(SECTIONS)
@@ -813,8 +1130,14 @@ def main() -> None:
         except Exception as exc:  # the harness records the error and goes on with the next section
             log(f"{section}: failed: {exc!r}")
             res = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-4000:], "checks": []}
-        res.update(machine=machine, quick=q, load_avg_before=load, load_avg_after=_load(),
-                   seconds=round(time.monotonic() - t, 1), generated=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
+        res.update(
+            machine=machine,
+            quick=q,
+            load_avg_before=load,
+            load_avg_after=_load(),
+            seconds=round(time.monotonic() - t, 1),
+            generated=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        )
         results[section] = res
         write_results(results, out_path)
     results["total_seconds"] = round(time.monotonic() - started, 1)

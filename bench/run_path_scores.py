@@ -25,10 +25,10 @@ SHARED = REPO.parent / "shared" / "data"
 def ships(work: Path) -> dict[str, Any]:
     import rasterio
 
-    from geoseg.config import config_from_dict
-    from geoseg.evaluate import match_instances, prf
-    from geoseg.pipeline import run
-    from geoseg.train_data import _coco_ids
+    from geoseg.core.config import config_from_dict
+    from geoseg.runner.pipeline import run
+    from geoseg.train.data import _coco_ids
+    from geoseg.train.evaluate import match_instances, prf
 
     sys.path.insert(0, str(REPO / "tests"))
     from helpers.sentinel2 import stack
@@ -54,17 +54,25 @@ def buildings(work: Path) -> dict[str, Any]:
     import rasterio
     from rasterio.enums import Resampling
 
-    from geoseg.config import config_from_dict
-    from geoseg.evaluate import match_polygons, on_imagery
-    from geoseg.pipeline import run
+    from geoseg.core.config import config_from_dict
+    from geoseg.runner.pipeline import run
+    from geoseg.train.evaluate import match_polygons, on_imagery
 
     image = SHARED / "hotosm_buildings" / "nairobi.tif"
     src = work / "nairobi_0.3m.tif"
     with rasterio.open(image) as ds:
         shape = (ds.height // 4, ds.width // 4)
         profile = ds.profile
-        profile.update(width=shape[1], height=shape[0], transform=ds.transform * ds.transform.scale(4, 4),
-                       compress="deflate", photometric="rgb", tiled=True, blockxsize=256, blockysize=256)
+        profile.update(
+            width=shape[1],
+            height=shape[0],
+            transform=ds.transform * ds.transform.scale(4, 4),
+            compress="deflate",
+            photometric="rgb",
+            tiled=True,
+            blockxsize=256,
+            blockysize=256,
+        )
         data = ds.read(out_shape=(ds.count, *shape), resampling=Resampling.average)
         mask = ds.dataset_mask(out_shape=shape, resampling=Resampling.nearest)
     with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(src, "w", **profile) as out:
@@ -79,7 +87,9 @@ def buildings(work: Path) -> dict[str, Any]:
     found = gpd.read_file(work / "out" / src.stem / f"{src.stem}.gpkg", layer="buildings")
 
     recorded = json.loads((REPO / "models" / "aerial-buildings" / "geoseg.json").read_text())["metrics"]
-    scores = match_polygons(on_imagery(found.geometry, valid, transform), on_imagery(truth.geometry, valid, transform), 0.5)
+    scores = match_polygons(
+        on_imagery(found.geometry, valid, transform), on_imagery(truth.geometry, valid, transform), 0.5
+    )
     return {"run": scores, "evaluate": recorded["objects"]}
 
 
@@ -93,8 +103,10 @@ def main() -> None:
         results = {"ships": ships(Path(tmp) / "ships"), "buildings": buildings(Path(tmp) / "buildings")}
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     for head, r in results.items():
-        print(f"{head}: geoseg run F1 {r['run']['f1']} ({r['run']['predicted']} predicted / {r['run']['truth']} true), "
-              f"--evaluate F1 {r['evaluate']['f1']} ({r['evaluate']['predicted']} / {r['evaluate']['truth']})")
+        print(
+            f"{head}: geoseg run F1 {r['run']['f1']} ({r['run']['predicted']} predicted / {r['run']['truth']} true), "
+            f"--evaluate F1 {r['evaluate']['f1']} ({r['evaluate']['predicted']} / {r['evaluate']['truth']})"
+        )
 
 
 if __name__ == "__main__":

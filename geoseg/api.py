@@ -1,9 +1,9 @@
 """``geoseg.run``: the pipeline from Python (a notebook, a script), with the command's defaults.
 
-    import geoseg
-    report = geoseg.run("scenes/", "out/")                      # the default config and models
-    report = geoseg.run(["a.tif", "b.tif"], "out/", "configs/synthetic-oracle.yaml", tile_size=1024)
-    outputs = geoseg.open_run("out/")                           # geoseg.results.RunOutputs
+import geoseg
+report = geoseg.run("scenes/", "out/")                      # the default config and models
+report = geoseg.run(["a.tif", "b.tif"], "out/", "configs/synthetic-oracle.yaml", tile_size=1024)
+outputs = geoseg.open_run("out/")                           # geoseg.results.RunOutputs
 """
 
 from __future__ import annotations
@@ -13,24 +13,35 @@ from typing import TYPE_CHECKING, Any, Union
 
 from pydantic import BaseModel, ValidationError
 
-from geoseg.config import Config, config_from_dict, load_config
-from geoseg.errors import ConfigError
+from geoseg.core.config import Config, config_from_dict, load_config
+from geoseg.core.errors import ConfigError
 
 if TYPE_CHECKING:
-    from geoseg.pipeline import RunReport
+    from geoseg.runner.pipeline import RunReport
 
 # The config `geoseg run` uses without --config (package data; in a checkout, configs/default.yaml).
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "defaults" / "configs" / "default.yaml"
 # Sections of a config whose keys ``run`` takes as keywords: tiling, runtime, output.
-_SECTIONS = {name: f.annotation for name, f in Config.model_fields.items()
-             if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)}
+_SECTIONS = {
+    name: f.annotation
+    for name, f in Config.model_fields.items()
+    if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)
+}
 
 PathLike = Union[str, Path]
 
 
-def run(inputs: PathLike | list[PathLike], out: PathLike, config: PathLike | dict[str, Any] | Config | None = None,
-        *, address: str | None = None, progress: bool = True, force: bool = False, recursive: bool = False,
-        **overrides: Any) -> "RunReport":
+def run(
+    inputs: PathLike | list[PathLike],
+    out: PathLike,
+    config: PathLike | dict[str, Any] | Config | None = None,
+    *,
+    address: str | None = None,
+    progress: bool = True,
+    force: bool = False,
+    recursive: bool = False,
+    **overrides: Any,
+) -> RunReport:
     """Segment ``inputs`` (a file, folder, glob or ``s3://`` prefix, or a list of them) into ``out``.
 
     ``config``: a YAML path, a mapping as in the YAML (relative paths resolve against the current
@@ -40,11 +51,18 @@ def run(inputs: PathLike | list[PathLike], out: PathLike, config: PathLike | dic
     the ``RunReport`` (``.summaries``, ``.failures``, ``.warnings``); read the outputs with
     ``geoseg.open_run(out)``. Like the command, a run skips inputs unchanged since they were done.
     """
-    from geoseg.pipeline import run as run_pipeline
+    from geoseg.runner.pipeline import run as run_pipeline
 
     paths = [str(p) for p in inputs] if isinstance(inputs, (list, tuple)) else [str(inputs)]
-    return run_pipeline(paths, out, with_overrides(resolve_config(config), overrides), address=address,
-                        progress=progress, force=force, recursive=recursive)
+    return run_pipeline(
+        paths,
+        out,
+        with_overrides(resolve_config(config), overrides),
+        address=address,
+        progress=progress,
+        force=force,
+        recursive=recursive,
+    )
 
 
 def resolve_config(config: PathLike | dict[str, Any] | Config | None) -> Config:
@@ -68,8 +86,9 @@ def with_overrides(config: Config, overrides: dict[str, Any]) -> Config:
                 updates[section] = model.model_validate({**getattr(config, section).model_dump(), **given})
             except ValidationError as exc:
                 err = exc.errors()[0]
-                raise ConfigError("geoseg.run", ".".join([section, *map(str, err["loc"])]),
-                                  err["msg"].removeprefix("Value error, ")) from None
+                raise ConfigError(
+                    "geoseg.run", ".".join([section, *map(str, err["loc"])]), err["msg"].removeprefix("Value error, ")
+                ) from None
     unknown = sorted(set(overrides) - {k for m in _SECTIONS.values() for k in m.model_fields})
     if unknown:
         known = ", ".join(k for m in _SECTIONS.values() for k in m.model_fields)

@@ -34,9 +34,9 @@ def _print_summary(summary: dict) -> None:
 
 
 def main() -> int:
-    from geoseg.config import load_config
-    from geoseg.pipeline import run
-    from geoseg.synth import write_scene
+    from geoseg.core.config import load_config
+    from geoseg.runner.pipeline import run
+    from geoseg.train.synth import write_scene
 
     scenes = DEMO / "scenes"
     scenes.mkdir(parents=True, exist_ok=True)
@@ -47,10 +47,12 @@ def main() -> int:
     report = run([str(scenes)], DEMO / "out", load_config(REPO / "configs" / "synthetic.yaml"))
     for summary in report.summaries:
         _print_summary(summary)
-    for path, error in report.failures:
+    for _path, error in report.failures:
         print(f"failed: {error}")
-    print(f"\n{report.megapixels:.1f} Mpx in {report.seconds:.1f} s; outputs in {DEMO / 'out'} "
-          f"(open the .gpkg and .tif files in QGIS)")
+    print(
+        f"\n{report.megapixels:.1f} Mpx in {report.seconds:.1f} s; outputs in {DEMO / 'out'} "
+        f"(open the .gpkg and .tif files in QGIS)"
+    )
     _print_accuracy(DEMO / "out" / "synthetic", synth.with_suffix(".truth"))
     ok = report.ok
     real = _real_scene(DEMO / "real")
@@ -61,7 +63,7 @@ def main() -> int:
         report = run([str(real)], DEMO / "out", load_config(REPO / "configs" / "default.yaml"))
         for summary in report.summaries:
             _print_summary(summary)
-        for path, error in report.failures:
+        for _path, error in report.failures:
             print(f"failed: {error}")
         ok = ok and report.ok
         _print_real_scores(DEMO / "out" / real.stem / f"{real.stem}.gpkg", real)
@@ -88,8 +90,17 @@ def _real_scene(folder: Path) -> Path | None:
     with rasterio.open(REAL_IMAGE) as src:
         profile = src.profile
         transform = src.window_transform(window) * src.window_transform(window).scale(f, f)
-        profile.update(width=shape[1], height=shape[0], transform=transform, driver="GTiff", compress="deflate",
-                       photometric="rgb", tiled=True, blockxsize=256, blockysize=256)
+        profile.update(
+            width=shape[1],
+            height=shape[0],
+            transform=transform,
+            driver="GTiff",
+            compress="deflate",
+            photometric="rgb",
+            tiled=True,
+            blockxsize=256,
+            blockysize=256,
+        )
         image = src.read(window=window, out_shape=(src.count, *shape), resampling=Resampling.average)
         mask = src.dataset_mask(window=window, out_shape=shape, resampling=Resampling.nearest)
         with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(path, "w", **profile) as dst:
@@ -103,7 +114,7 @@ def _print_real_scores(gpkg: Path, scene: Path) -> None:
     import geopandas as gpd
     import rasterio
 
-    from geoseg.evaluate import match_polygons, on_imagery
+    from geoseg.train.evaluate import match_polygons, on_imagery
 
     if not gpkg.exists():
         return
@@ -111,15 +122,19 @@ def _print_real_scores(gpkg: Path, scene: Path) -> None:
         crs, bounds, mask, transform = ds.crs, ds.bounds, ds.dataset_mask(), ds.transform
     truth = gpd.read_file(REAL_OUTLINES).to_crs(crs).clip(bounds)
     found = gpd.read_file(gpkg, layer="buildings")
-    scores = match_polygons(on_imagery(found.geometry, mask, transform), on_imagery(truth.geometry, mask, transform), 0.5)
+    scores = match_polygons(
+        on_imagery(found.geometry, mask, transform), on_imagery(truth.geometry, mask, transform), 0.5
+    )
     (DEMO / "out" / "real_accuracy.json").write_text(json.dumps(scores, indent=2))
-    print("\nbuildings against OpenStreetMap outlines (IoU >= 0.5, where there is imagery): "
-          f"{scores['predicted']} found, {scores['truth']} true, {scores['matched']} matched; "
-          f"precision {scores['precision']:.2f}, recall {scores['recall']:.2f}, F1 {scores['f1']:.2f}")
+    print(
+        "\nbuildings against OpenStreetMap outlines (IoU >= 0.5, where there is imagery): "
+        f"{scores['predicted']} found, {scores['truth']} true, {scores['matched']} matched; "
+        f"precision {scores['precision']:.2f}, recall {scores['recall']:.2f}, F1 {scores['f1']:.2f}"
+    )
 
 
 def _print_accuracy(out_dir: Path, truth_dir: Path) -> None:
-    from geoseg.evaluate import format_scores, score_synthetic
+    from geoseg.train.evaluate import format_scores, score_synthetic
 
     if not out_dir.exists():
         return

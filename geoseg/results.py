@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from geoseg.runlog import RUN_MANIFEST
+from geoseg.outputs.records import RUN_MANIFEST
 
 if TYPE_CHECKING:
     import geopandas
@@ -84,7 +84,7 @@ class RunOutputs:
         name = self._scene(scene)
         return self.out_dir / name / f"{name.rsplit('/', 1)[-1]}.gpkg"
 
-    def layer(self, scene: str, model: str) -> "geopandas.GeoDataFrame":
+    def layer(self, scene: str, model: str) -> geopandas.GeoDataFrame:
         """One model's polygons (semantic: ``class``, ``area_m2``; instance: ``instance_id``, ``score``, ...)."""
         import geopandas
 
@@ -96,20 +96,31 @@ class RunOutputs:
             return geopandas.read_parquet(parquet)
         return geopandas.read_file(gpkg, layer=model)
 
-    def layers(self, scene: str) -> dict[str, "geopandas.GeoDataFrame"]:
+    def layers(self, scene: str) -> dict[str, geopandas.GeoDataFrame]:
         """``{model: GeoDataFrame}`` for every model of the scene."""
         return {model: self.layer(scene, model) for model in self.models(scene)}
 
     @property
-    def counts(self) -> "pandas.DataFrame":
+    def counts(self) -> pandas.DataFrame:
         """Every scene x model x class: ``count`` (instance models; missing for semantic ones),
         ``pixels`` and ``area_m2``, as in each ``summary.json``."""
         import pandas
 
-        rows = [{"scene": name, "input": s["input"], "model": model, "task": m["task"], "class": cls,
-                 "count": v.get("count"), "pixels": v["pixels"], "area_m2": v["area_m2"]}
-                for name, s in self._summaries.items() for model, m in s["models"].items()
-                for cls, v in m["classes"].items()]
+        rows = [
+            {
+                "scene": name,
+                "input": s["input"],
+                "model": model,
+                "task": m["task"],
+                "class": cls,
+                "count": v.get("count"),
+                "pixels": v["pixels"],
+                "area_m2": v["area_m2"],
+            }
+            for name, s in self._summaries.items()
+            for model, m in s["models"].items()
+            for cls, v in m["classes"].items()
+        ]
         frame = pandas.DataFrame(rows, columns=COUNT_COLUMNS)
         return frame.astype({"count": "Int64", "pixels": "int64", "area_m2": "float64"})
 

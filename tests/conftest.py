@@ -20,7 +20,8 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 
     return [
         f"geoseg stack: GDAL {rasterio.__gdal_version__}, rasterio {rasterio.__version__}, torch {torch.__version__} "
-        f"(CUDA {'yes' if torch.cuda.is_available() else 'no'}), Ray {ray.__version__}, Python {platform.python_version()}"
+        f"(CUDA {'yes' if torch.cuda.is_available() else 'no'}), Ray {ray.__version__}, "
+        f"Python {platform.python_version()}"
     ]
 
 
@@ -35,8 +36,14 @@ def ray_session():
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if not ray.is_initialized():
-        ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, object_store_memory=300 * 1024**2,
-                 log_to_driver=False, configure_logging=False)
+        ray.init(
+            num_cpus=2,
+            num_gpus=1,
+            include_dashboard=False,
+            object_store_memory=300 * 1024**2,
+            log_to_driver=False,
+            configure_logging=False,
+        )
     yield ray
     ray.shutdown()
 
@@ -57,7 +64,7 @@ def oracle_config_path() -> Path:
 @pytest.fixture(scope="session")
 def synth_scene(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 1536 x 1536 synthetic scene (objects on seams, corners, longer than a 1024 tile, nodata corner)."""
-    from geoseg.synth import write_scene
+    from geoseg.train.synth import write_scene
 
     d = tmp_path_factory.mktemp("synth")
     path = d / "scene.tif"
@@ -65,9 +72,21 @@ def synth_scene(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-_S3_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-           "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE", "AWS_S3_ENDPOINT",
-           "AWS_HTTPS", "AWS_VIRTUAL_HOSTING", "AWS_NO_SIGN_REQUEST", "CPL_AWS_AUTODETECT_EC2")
+_S3_ENV = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_PROFILE",
+    "AWS_S3_ENDPOINT",
+    "AWS_HTTPS",
+    "AWS_VIRTUAL_HOSTING",
+    "AWS_NO_SIGN_REQUEST",
+    "CPL_AWS_AUTODETECT_EC2",
+)
 
 
 @pytest.fixture(scope="session")
@@ -90,11 +109,18 @@ def s3_server():
     saved = {k: os.environ.get(k) for k in _S3_ENV}
     for k in _S3_ENV:
         os.environ.pop(k, None)
-    os.environ.update({
-        "AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1", "AWS_S3_ENDPOINT": f"127.0.0.1:{port}", "AWS_HTTPS": "NO",
-        "AWS_VIRTUAL_HOSTING": "FALSE", "CPL_AWS_AUTODETECT_EC2": "NO",
-    })
+    os.environ.update(
+        {
+            "AWS_ENDPOINT_URL": endpoint,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_S3_ENDPOINT": f"127.0.0.1:{port}",
+            "AWS_HTTPS": "NO",
+            "AWS_VIRTUAL_HOSTING": "FALSE",
+            "CPL_AWS_AUTODETECT_EC2": "NO",
+        }
+    )
     try:
         yield endpoint
     finally:

@@ -15,8 +15,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_import_geoseg_stays_light():
     """``import geoseg`` loads neither Ray nor torch nor GDAL; the API comes on first use."""
-    code = ("import sys, geoseg; heavy = [m for m in ('ray', 'torch', 'rasterio', 'geopandas') if m in sys.modules]; "
-            "assert not heavy, heavy; assert callable(geoseg.run) and callable(geoseg.open_run); print('ok')")
+    code = (
+        "import sys, geoseg; heavy = [m for m in ('ray', 'torch', 'rasterio', 'geopandas') if m in sys.modules]; "
+        "assert not heavy, heavy; assert callable(geoseg.run) and callable(geoseg.open_run); print('ok')"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
 
@@ -26,7 +28,7 @@ def test_config_arguments_and_overrides(oracle_config_path):
     import yaml
 
     from geoseg.api import resolve_config, with_overrides
-    from geoseg.errors import ConfigError
+    from geoseg.core.errors import ConfigError
 
     from_path = resolve_config(oracle_config_path)
     from_dict = resolve_config(yaml.safe_load(oracle_config_path.read_text()))
@@ -34,7 +36,11 @@ def test_config_arguments_and_overrides(oracle_config_path):
     assert resolve_config(None).models["buildings"].weights  # the packaged default config (aerial models)
     changed = with_overrides(from_path, {"tile_size": 256, "halo": 16, "batch_size": 2, "device": "cpu"})
     assert (changed.tiling.tile_size, changed.tiling.halo, changed.runtime.batch_size, changed.runtime.device) == (
-        256, 16, 2, "cpu")
+        256,
+        16,
+        2,
+        "cpu",
+    )
     assert changed.models == from_path.models and from_path.tiling.tile_size == 512
     with pytest.raises(ConfigError, match="tile_sise.*not a setting of tiling, runtime"):
         with_overrides(from_path, {"tile_sise": 256})
@@ -46,7 +52,7 @@ def test_config_arguments_and_overrides(oracle_config_path):
 def api_run(ray_session, oracle_config_path, tmp_path_factory):
     """``geoseg.run`` on a synthetic scene (several tiles) and a file that is not a raster."""
     import geoseg
-    from geoseg.synth import write_scene
+    from geoseg.train.synth import write_scene
 
     d = tmp_path_factory.mktemp("api")
     scene = d / "scenes" / "synth.tif"
@@ -82,10 +88,21 @@ def test_open_run_counts_layers_and_masks(api_run):
 
     counts = outputs.counts
     assert list(counts.columns) == ["scene", "input", "model", "task", "class", "count", "pixels", "area_m2"]
-    expected = [(model, cls, v.get("count"), v["pixels"], v["area_m2"])
-                for model, m in summary["models"].items() for cls, v in m["classes"].items()]
-    got = [(r["model"], r["class"], None if pandas.isna(r["count"]) else int(r["count"]), int(r["pixels"]),
-            float(r["area_m2"])) for r in counts.to_dict("records")]
+    expected = [
+        (model, cls, v.get("count"), v["pixels"], v["area_m2"])
+        for model, m in summary["models"].items()
+        for cls, v in m["classes"].items()
+    ]
+    got = [
+        (
+            r["model"],
+            r["class"],
+            None if pandas.isna(r["count"]) else int(r["count"]),
+            int(r["pixels"]),
+            float(r["area_m2"]),
+        )
+        for r in counts.to_dict("records")
+    ]
     assert got == expected and set(counts.scene) == {"synth"} and set(counts.input) == {str(scene)}
     assert counts["count"].notna().sum() == 2 and counts["count"].sum() > 0  # buildings and ships
 

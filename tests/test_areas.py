@@ -24,10 +24,10 @@ import shapely
 from affine import Affine
 from pyproj import CRS, Transformer
 
-from geoseg.config import load_config
-from geoseg.pipeline import run
-from geoseg.synth import LANDUSE_CLASSES, write_scene
-from geoseg.units import ground_scale
+from geoseg.core.config import load_config
+from geoseg.core.units import ground_scale
+from geoseg.runner.pipeline import run
+from geoseg.train.synth import LANDUSE_CLASSES, write_scene
 
 SIZE = 512
 
@@ -96,8 +96,17 @@ def test_pixel_areas_match_geod_across_the_grid(name):
     t = _transform(name)
     pa = ground_scale(crs, t, SIZE, SIZE).pixel_areas
     whole = pa.window(0, 0, SIZE, SIZE)
-    points = [(0, 0), (0, SIZE - 1), (SIZE - 1, 0), (SIZE - 1, SIZE - 1), (SIZE // 2, 3), (5, SIZE // 2),
-              (SIZE // 2, SIZE // 2), (123, 467), (401, 77)]
+    points = [
+        (0, 0),
+        (0, SIZE - 1),
+        (SIZE - 1, 0),
+        (SIZE - 1, SIZE - 1),
+        (SIZE // 2, 3),
+        (5, SIZE // 2),
+        (SIZE // 2, SIZE // 2),
+        (123, 467),
+        (401, 77),
+    ]
     for r, c in points:
         exact = geod_pixel_area(crs, t, r, c)
         assert whole[r, c] == pytest.approx(exact, rel=1e-4), (r, c)

@@ -6,7 +6,7 @@ some tiles were written), a text file named ``.tif``, a raster without CRS, a 1-
 problem and a ``failed`` row in ``out/summary.csv``; nothing of it stays in ``out/`` (no folder,
 no hidden ``.partial`` folder, no temp file); the good scene is complete and exact; the command
 exits non-zero. An unwritable ``--out`` fails the whole run before any work, with one line.
-Tested through ``geoseg.pipeline.run``, click's CliRunner and a real ``geoseg`` subprocess.
+Tested through ``geoseg.runner.pipeline.run``, click's CliRunner and a real ``geoseg`` subprocess.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from affine import Affine
 from click.testing import CliRunner
 
 from geoseg.cli.main import cli
-from geoseg.config import load_config
-from geoseg.errors import OutputError
-from geoseg.pipeline import run
+from geoseg.core.config import load_config
+from geoseg.core.errors import OutputError
+from geoseg.runner.pipeline import run
 
 REPO = Path(__file__).resolve().parents[1]
 LANDUSE = ["water", "forest", "cropland", "urban", "bare"]
@@ -52,10 +52,18 @@ def write_config(path: Path) -> Path:
         "tiling": {"tile_size": 256, "halo": 16},
         "runtime": {"batch_size": 4},
         "models": {
-            "landuse": {"task": "semantic", "classes": LANDUSE, "bands": [1, 2, 3],
-                        "factory": "geoseg.synth:oracle_landuse"},
-            "ships": {"task": "instance", "classes": ["ship"], "bands": [1, 2, 3],
-                      "factory": "geoseg.synth:oracle_ships"},
+            "landuse": {
+                "task": "semantic",
+                "classes": LANDUSE,
+                "bands": [1, 2, 3],
+                "factory": "geoseg.train.synth:oracle_landuse",
+            },
+            "ships": {
+                "task": "instance",
+                "classes": ["ship"],
+                "bands": [1, 2, 3],
+                "factory": "geoseg.train.synth:oracle_ships",
+            },
         },
     }
     path.write_text(yaml.safe_dump(cfg))
@@ -70,7 +78,7 @@ def _truncate(src: Path, dst: Path) -> None:
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> dict[str, Path]:
     """The bad inputs and one good synthetic scene, each in its own folder."""
-    from geoseg.synth import write_scene
+    from geoseg.train.synth import write_scene
 
     root = tmp_path_factory.mktemp("bad_inputs")
     d = root / "in"
@@ -81,19 +89,44 @@ def inputs(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> dict[
     _truncate(shared_data / "rasterio" / "cogeo.tif", paths["trunc_cog.tif"])
     # A real raster re-encoded as a tiled GeoTIFF, cut in half: the first tile reads, later ones fail.
     tiled = root / "tiled_full.tif"
-    rasterio.shutil.copy(shared_data / "rasterio" / "RGB.byte.tif", tiled, driver="GTiff", tiled=True,
-                         blockxsize=128, blockysize=128, compress="deflate")
+    rasterio.shutil.copy(
+        shared_data / "rasterio" / "RGB.byte.tif",
+        tiled,
+        driver="GTiff",
+        tiled=True,
+        blockxsize=128,
+        blockysize=128,
+        compress="deflate",
+    )
     paths["trunc_tiled.tif"] = d / "trunc_tiled.tif"
     _truncate(tiled, paths["trunc_tiled.tif"])
     paths["notraster.tif"] = d / "notraster.tif"
     paths["notraster.tif"].write_text("station,lat,lon\nA,38.9,-77.0\n")
     paths["nocrs.tif"] = d / "nocrs.tif"
-    with rasterio.open(paths["nocrs.tif"], "w", driver="GTiff", width=64, height=64, count=3, dtype="uint8",
-                       transform=Affine(1, 0, 1000, 0, -1, 2000)) as ds:
+    with rasterio.open(
+        paths["nocrs.tif"],
+        "w",
+        driver="GTiff",
+        width=64,
+        height=64,
+        count=3,
+        dtype="uint8",
+        transform=Affine(1, 0, 1000, 0, -1, 2000),
+    ) as ds:
         ds.write(np.full((3, 64, 64), 120, np.uint8))
     paths["oneband.tif"] = d / "oneband.tif"
-    with rasterio.open(paths["oneband.tif"], "w", driver="GTiff", width=64, height=64, count=1, dtype="uint8",
-                       crs="EPSG:32618", transform=Affine(1, 0, 500000, 0, -1, 4300000), nodata=0) as ds:
+    with rasterio.open(
+        paths["oneband.tif"],
+        "w",
+        driver="GTiff",
+        width=64,
+        height=64,
+        count=1,
+        dtype="uint8",
+        crs="EPSG:32618",
+        transform=Affine(1, 0, 500000, 0, -1, 4300000),
+        nodata=0,
+    ) as ds:
         ds.write(np.full((1, 64, 64), 120, np.uint8))
     paths["missing.tif"] = d / "missing.tif"  # never created
     paths["empty"] = root / "empty"
@@ -127,11 +160,24 @@ def check_failures(failures: list[tuple[str, str]], paths: dict[str, Path]) -> N
 def check_good_scene(out: Path, good: Path) -> None:
     scene = out / good.stem
     assert sorted(p.name for p in scene.iterdir()) == sorted(
-        ["good.gpkg", "good_landuse.tif", "good_ships.tif", "good_landuse.qml", "good_ships.qml", "manifest.json",
-         "summary.json", "good.stac.json", "good_quicklook.png"])
+        [
+            "good.gpkg",
+            "good_landuse.tif",
+            "good_ships.tif",
+            "good_landuse.qml",
+            "good_ships.qml",
+            "manifest.json",
+            "summary.json",
+            "good.stac.json",
+            "good_quicklook.png",
+        ]
+    )
     truth = good.with_suffix(".truth")
-    with rasterio.open(scene / "good_landuse.tif") as m, rasterio.open(truth / "landuse.tif") as t, \
-            rasterio.open(good) as src:
+    with (
+        rasterio.open(scene / "good_landuse.tif") as m,
+        rasterio.open(truth / "landuse.tif") as t,
+        rasterio.open(good) as src,
+    ):
         assert m.crs == src.crs and m.transform == src.transform and m.shape == src.shape
         mask, want = m.read(1), t.read(1)
     assert np.array_equal(mask, want)  # context-free oracle: exactly the truth
@@ -148,12 +194,15 @@ def check_good_scene(out: Path, good: Path) -> None:
 
 def check_out_dir_clean(out: Path, good: Path) -> None:
     """Only the good scene's folder and the run's files; nothing hidden or temporary anywhere."""
-    assert sorted(os.listdir(out)) == sorted(["summary.csv", "run-manifest.json", "runs", "collection.json", "report.html",
-                                             good.stem])
+    assert sorted(os.listdir(out)) == sorted(
+        ["summary.csv", "run-manifest.json", "runs", "collection.json", "report.html", good.stem]
+    )
     for dirpath, dirnames, filenames in os.walk(out):
         for name in dirnames + filenames:
             assert not name.startswith("."), os.path.join(dirpath, name)
-            assert not name.endswith((".tmp", ".partial", ".raw.tif", ".ids.tif", ".aux.xml")), os.path.join(dirpath, name)
+            assert not name.endswith((".tmp", ".partial", ".raw.tif", ".ids.tif", ".aux.xml")), os.path.join(
+                dirpath, name
+            )
 
 
 def check_summary_csv(out: Path, paths: dict[str, Path], failures: list[tuple[str, str]]) -> None:
@@ -172,7 +221,7 @@ def check_summary_csv(out: Path, paths: dict[str, Path], failures: list[tuple[st
 
 @pytest.fixture(scope="module")
 def first_run(ray_session, inputs, tmp_path_factory: pytest.TempPathFactory):
-    """``geoseg.pipeline.run`` over all inputs into a fresh ``out/``."""
+    """``geoseg.runner.pipeline.run`` over all inputs into a fresh ``out/``."""
     d = tmp_path_factory.mktemp("run")
     cfg = write_config(d / "config.yaml")
     out = d / "out"
@@ -190,7 +239,8 @@ def test_pipeline_run_isolates_bad_inputs(inputs, first_run):
     check_summary_csv(out, inputs, report.failures)
     # Inputs are left as they were: no sidecar files written next to them.
     assert sorted(p.name for p in inputs["nocrs.tif"].parent.iterdir()) == sorted(
-        k for k in EXPECTED if k not in ("empty", "missing.tif"))
+        k for k in EXPECTED if k not in ("empty", "missing.tif")
+    )
 
 
 def test_cli_run_isolates_bad_inputs(ray_session, inputs, first_run):
@@ -238,8 +288,25 @@ def test_unwritable_out_cli_subprocess(inputs, tmp_path):
     cfg = write_config(tmp_path / "config.yaml")
     out = _unwritable_out(tmp_path)
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    proc = subprocess.run([sys.executable, "-m", "geoseg.cli.main", "-q", "run", str(inputs["good"]), "--out", str(out),
-                           "--config", str(cfg)], capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "geoseg.cli.main",
+            "-q",
+            "run",
+            str(inputs["good"]),
+            "--out",
+            str(out),
+            "--config",
+            str(cfg),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env=env,
+    )
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1, proc.stderr

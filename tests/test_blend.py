@@ -21,10 +21,10 @@ import rasterio
 import yaml
 from rasterio.windows import Window
 
-from geoseg.config import config_from_dict, load_config
-from geoseg.pipeline import run
-from geoseg.seams import seam_index
-from geoseg.windows import BlendPlan, head_windows, resample_scale
+from geoseg.core.config import config_from_dict, load_config
+from geoseg.raster.windows import BlendPlan, head_windows, resample_scale
+from geoseg.runner.pipeline import run
+from geoseg.train.seams import seam_index
 
 REPO = Path(__file__).resolve().parents[1]
 CLOUDS = REPO / "configs" / "sentinel2-clouds.yaml"
@@ -33,7 +33,9 @@ CLOUDS = REPO / "configs" / "sentinel2-clouds.yaml"
 # -- the grid, without any model
 
 
-@pytest.mark.parametrize("extent, window, overlap", [(1000, 256, 64), (4096, 512, 128), (700, 512, 256), (300, 512, 128)])
+@pytest.mark.parametrize(
+    "extent, window, overlap", [(1000, 256, 64), (4096, 512, 128), (700, 512, 256), (300, 512, 128)]
+)
 def test_windows_cover_every_pixel_and_fades_add_up_to_one(extent, window, overlap):
     hw = head_windows(window, overlap, 1.0, extent, extent)
     total = np.zeros(extent)
@@ -49,8 +51,9 @@ def test_windows_cover_every_pixel_and_fades_add_up_to_one(extent, window, overl
 
 
 def test_context_holds_every_window_over_a_read_window():
-    plan = BlendPlan("k", 3000, 2000, {"a": head_windows(512, 128, 1.0, 3000, 2000),
-                                        "b": head_windows(256, 64, 3.0, 3000, 2000)})
+    plan = BlendPlan(
+        "k", 3000, 2000, {"a": head_windows(512, 128, 1.0, 3000, 2000), "b": head_windows(256, 64, 3.0, 3000, 2000)}
+    )
     read = Window(1000, 600, 576, 576)
     ctx = plan.context(read)
     for name, hw in plan.heads.items():
@@ -59,7 +62,9 @@ def test_context_holds_every_window_over_a_read_window():
         for r, c in wins:  # each window overlaps the read window; its part inside the raster is read
             assert r < 600 + 576 and r + hw.side > 600 and c < 1000 + 576 and c + hw.side > 1000
             assert ctx.row_off <= max(r, 0) and ctx.col_off <= max(c, 0)
-            assert ctx.row_off + ctx.height >= min(r + hw.side, 2000) and ctx.col_off + ctx.width >= min(c + hw.side, 3000)
+            assert ctx.row_off + ctx.height >= min(r + hw.side, 2000) and ctx.col_off + ctx.width >= min(
+                c + hw.side, 3000
+            )
 
 
 def test_resampling_only_beyond_a_quarter_off():
@@ -115,16 +120,24 @@ def test_cloud_network_leaves_no_seams_and_does_not_depend_on_the_tiling(ray_ses
     np.testing.assert_array_equal(default, tiled)  # the blend belongs to the scene, not to the tiles
     config = load_config(CLOUDS)
     stride = round((config.tiling.window - config.tiling.overlap) * 3)  # window grid lines, input pixels
-    seams = {"tiles 256": seam_index(tiled, 256, 255), f"tiles {config.tiling.tile_size}":
-             seam_index(default, config.tiling.tile_size, 255), f"windows {stride}": seam_index(default, stride, 255),
-             "tiles 256, blend none": seam_index(cut, 256, 255)}
+    seams = {
+        "tiles 256": seam_index(tiled, 256, 255),
+        f"tiles {config.tiling.tile_size}": seam_index(default, config.tiling.tile_size, 255),
+        f"windows {stride}": seam_index(default, stride, 255),
+        "tiles 256, blend none": seam_index(cut, 256, 255),
+    }
     agree = {"blended": float(np.mean(default == one_pass)), "tiles, blend none": float(np.mean(cut == one_pass))}
-    print("Cartagena seam index:", {k: round(v, 2) for k, v in seams.items()},
-          f"(one pass: {seam_index(one_pass, 256, 255):.2f} at 256); cloud {np.mean(default == 1):.1%} blended,",
-          f"{np.mean(cut == 1):.1%} unblended, {np.mean(one_pass == 1):.1%} one pass; agreement with one pass:",
-          {k: f"{v:.2%}" for k, v in agree.items()})
+    print(
+        "Cartagena seam index:",
+        {k: round(v, 2) for k, v in seams.items()},
+        f"(one pass: {seam_index(one_pass, 256, 255):.2f} at 256); cloud {np.mean(default == 1):.1%} blended,",
+        f"{np.mean(cut == 1):.1%} unblended, {np.mean(one_pass == 1):.1%} one pass; agreement with one pass:",
+        {k: f"{v:.2%}" for k, v in agree.items()},
+    )
     assert agree["blended"] >= 0.93 and agree["blended"] > agree["tiles, blend none"]
-    assert seams["tiles 256"] <= 2 and seams[f"tiles {config.tiling.tile_size}"] <= 2 and seams[f"windows {stride}"] <= 2
+    assert (
+        seams["tiles 256"] <= 2 and seams[f"tiles {config.tiling.tile_size}"] <= 2 and seams[f"windows {stride}"] <= 2
+    )
     assert seams["tiles 256, blend none"] > 5  # the index sees seams where there are some
 
 
@@ -145,8 +158,10 @@ def test_cloud_masks_agree_with_ukis_csmask(ray_session, stacks, tmp_path, city,
         warnings.simplefilter("ignore")  # images smaller than its 256 px windows: it says so
         reference = CSmask(image, band_order=["blue", "green", "red", "nir"], product_level="l2a").csm[..., 0]
     share = float(np.mean(ours == reference))
-    print(f"{city} 30 m: agreement with CSmask {share:.2%}; cloud {np.mean(ours == 1):.1%} (CSmask "
-          f"{np.mean(reference == 1):.1%}), shadow {np.mean(ours == 2):.1%} ({np.mean(reference == 2):.1%})")
+    print(
+        f"{city} 30 m: agreement with CSmask {share:.2%}; cloud {np.mean(ours == 1):.1%} (CSmask "
+        f"{np.mean(reference == 1):.1%}), shadow {np.mean(ours == 2):.1%} ({np.mean(reference == 2):.1%})"
+    )
     assert share >= agree
     # Cloud cover, measured: summary.json, summary.csv and the STAC Item say what the mask holds.
     summary = json.loads((tmp_path / src.stem / "summary.json").read_text())
@@ -166,12 +181,15 @@ def test_absurd_resampling_is_refused_with_the_limit_to_raise(ray_session, share
     src = shared_data / "rasterio" / "RGB.byte.tif"
     report = run([str(src)], tmp_path, load_config(REPO / "configs" / "synthetic.yaml"), progress=False)
     assert not report.ok
-    (path, error), = report.failures
+    ((path, error),) = report.failures
     assert path == str(src) and "\n" not in error
     # 299.87 m on the ground at the scene's centre: 89,922 model pixels of 1 m from each of its pixels.
-    assert re.search(r"RGB\.byte\.tif: does not fit model 'landuse': was trained at 1 m per pixel, the raster has "
-                     r"300 m: resampling would make 89,9\d\d model pixels of each of its pixels \(limit 16x per "
-                     r"axis\); resample the raster, or raise tiling.max_resample", error), error
+    assert re.search(
+        r"RGB\.byte\.tif: does not fit model 'landuse': was trained at 1 m per pixel, the raster has "
+        r"300 m: resampling would make 89,9\d\d model pixels of each of its pixels \(limit 16x per "
+        r"axis\); resample the raster, or raise tiling.max_resample",
+        error,
+    ), error
     assert not (tmp_path / "RGB.byte").exists()
 
 
@@ -179,21 +197,25 @@ def _upsampled(src: Path, dst: Path, factor: int) -> Path:
     """``src`` with every pixel repeated ``factor`` x ``factor`` times: the same ground, finer pixels."""
     with rasterio.open(src) as ds:
         profile, data = ds.profile, ds.read()
-        profile.update(width=ds.width * factor, height=ds.height * factor,
-                       transform=ds.transform * ds.transform.scale(1 / factor, 1 / factor))
+        profile.update(
+            width=ds.width * factor,
+            height=ds.height * factor,
+            transform=ds.transform * ds.transform.scale(1 / factor, 1 / factor),
+        )
     with rasterio.open(dst, "w", **profile) as out:
         out.write(data.repeat(factor, axis=1).repeat(factor, axis=2))
     return dst
 
 
-def test_finer_raster_is_resampled_to_the_models_pixels_and_written_on_its_own(ray_session, oracle_config_path,
-                                                                               tmp_path):
+def test_finer_raster_is_resampled_to_the_models_pixels_and_written_on_its_own(
+    ray_session, oracle_config_path, tmp_path
+):
     """The context-free oracles, told they work at 1 m, on a synthetic 1 m scene upsampled to 0.5 m:
     each window is averaged back to 1 m (2 x 2 equal pixels: the original values), and the outputs,
     on the 0.5 m grid, equal the truth upsampled: land use pixel for pixel, every object once."""
     import geopandas as gpd
 
-    from geoseg.synth import write_scene
+    from geoseg.train.synth import write_scene
 
     scene = tmp_path / "one_m.tif"
     write_scene(scene, size=384, seed=11)
@@ -207,8 +229,11 @@ def test_finer_raster_is_resampled_to_the_models_pixels_and_written_on_its_own(r
     assert report.ok, report.failures
     out = tmp_path / "out" / "half_m"
     truth_dir = scene.with_suffix(".truth")
-    with rasterio.open(out / "half_m_landuse.tif") as got, rasterio.open(truth_dir / "landuse.tif") as want, \
-            rasterio.open(fine) as grid:
+    with (
+        rasterio.open(out / "half_m_landuse.tif") as got,
+        rasterio.open(truth_dir / "landuse.tif") as want,
+        rasterio.open(fine) as grid,
+    ):
         assert (got.transform, got.shape) == (grid.transform, grid.shape)
         expected = want.read(1).repeat(2, axis=0).repeat(2, axis=1)
         np.testing.assert_array_equal(got.read(1), expected)
@@ -238,43 +263,61 @@ def test_landsat_cloud_config_runs_on_a_six_band_stack(ray_session, tmp_path):
     reflectance[:, 100:200, 100:200] = cloud[:, None, None] + rng.normal(0, 0.01, (6, 100, 100))
     dn = np.clip((reflectance + 0.2) / 0.0000275, 1, 65535).astype(np.uint16)
     src = tmp_path / "landsat.tif"
-    with rasterio.open(src, "w", driver="GTiff", width=300, height=300, count=6, dtype="uint16", crs="EPSG:32617",
-                       transform=rasterio.Affine(30, 0, 600000, 0, -30, 4000000)) as ds:
+    with rasterio.open(
+        src,
+        "w",
+        driver="GTiff",
+        width=300,
+        height=300,
+        count=6,
+        dtype="uint16",
+        crs="EPSG:32617",
+        transform=rasterio.Affine(30, 0, 600000, 0, -30, 4000000),
+    ) as ds:
         ds.write(dn)
     report = run([str(src)], tmp_path / "out", load_config(REPO / "configs" / "landsat-clouds.yaml"), progress=False)
     assert report.ok, report.failures
     mask, _ = _mask(tmp_path / "out", "landsat")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        reference = CSmask(np.moveaxis(dn * 0.0000275 - 0.2, 0, -1).astype(np.float32),
-                           band_order=["blue", "green", "red", "nir", "swir16", "swir22"], product_level="l2a").csm[..., 0]
+        reference = CSmask(
+            np.moveaxis(dn * 0.0000275 - 0.2, 0, -1).astype(np.float32),
+            band_order=["blue", "green", "red", "nir", "swir16", "swir22"],
+            product_level="l2a",
+        ).csm[..., 0]
     outside = np.ones_like(mask, bool)
     outside[80:220, 80:220] = False
     share = float(np.mean(mask == reference))
-    print(f"landsat stack: agreement with CSmask {share:.1%}; land clear {np.mean(mask[outside] == 0):.1%} "
-          f"(CSmask {np.mean(reference[outside] == 0):.1%}); block cloud {np.mean(mask[100:200, 100:200] == 1):.1%} "
-          f"(CSmask {np.mean(reference[100:200, 100:200] == 1):.1%})")
+    print(
+        f"landsat stack: agreement with CSmask {share:.1%}; land clear {np.mean(mask[outside] == 0):.1%} "
+        f"(CSmask {np.mean(reference[outside] == 0):.1%}); block cloud {np.mean(mask[100:200, 100:200] == 1):.1%} "
+        f"(CSmask {np.mean(reference[100:200, 100:200] == 1):.1%})"
+    )
     assert set(np.unique(mask)) <= {0, 1, 2} and share >= 0.9 and np.mean(mask[outside] == 0) > 0.95
 
 
 @pytest.mark.parametrize("variant", ["4b_l2a", "4b_l1c", "6b_l2a", "6b_l1c"])
 def test_cloud_networks_equal_ukis_csmasks_onnx_files(variant):
-    """geoseg.csmask's smp U-Net, filled from the wheel's ONNX file, answers as onnxruntime running
+    """geoseg.models.csmask's smp U-Net, filled from the wheel's ONNX file, answers as onnxruntime running
     that file does, on one 256 px window of reflectance-like input (the same normalised values)."""
     onnxruntime = pytest.importorskip("onnxruntime")
     import torch
 
-    from geoseg.csmask import build, model_info, package_file
+    from geoseg.models.csmask import build, model_info, package_file
 
     stats = model_info(variant)["data"]["dataset_statistics"]["img"]
     bands = len(stats[0])
     rng = np.random.default_rng(1)
     reflectance = rng.uniform(0.0, 0.6, (bands, 256, 256)).astype(np.float32)
     reflectance[:, 64:192, 64:192] += 0.4  # something bright among the noise
-    x = ((reflectance - np.array(stats[0], np.float32)[:, None, None]) / np.array(stats[1], np.float32)[:, None, None])[None]
+    x = ((reflectance - np.array(stats[0], np.float32)[:, None, None]) / np.array(stats[1], np.float32)[:, None, None])[
+        None
+    ]
     with torch.no_grad():
         ours = build(variant)(torch.from_numpy(x)).numpy()
-    session = onnxruntime.InferenceSession(str(package_file(f"model_{variant}.onnx")), providers=["CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(
+        str(package_file(f"model_{variant}.onnx")), providers=["CPUExecutionProvider"]
+    )
     theirs = session.run(None, {session.get_inputs()[0].name: x})[0]
     assert np.mean(ours.argmax(1) == theirs.argmax(1)) >= 0.99  # noise makes near-ties: float order decides those
     assert float(np.median(np.abs(ours - theirs))) < 0.01 * float(np.abs(theirs).max())
@@ -283,7 +326,7 @@ def test_cloud_networks_equal_ukis_csmasks_onnx_files(variant):
 def test_window_cache_stays_bounded_and_forgets_rows_above():
     import torch
 
-    from geoseg.blend import WindowCache
+    from geoseg.models.blend import WindowCache
 
     cache = WindowCache(max_bytes=10 * 1024)
     for c in range(0, 4096, 256):  # 16 windows of 1 KiB: the oldest 6 go
@@ -298,15 +341,20 @@ def test_window_cache_stays_bounded_and_forgets_rows_above():
 def test_trained_networks_give_the_same_objects_at_any_tiling(ray_session, tmp_path):
     """The synthetic config's trained U-Nets (not context-free) on a synthetic scene at two tilings:
     land use byte-equal, the same objects (same polygons, ids up to renumbering), the same counts."""
-    from geoseg.synth import write_scene
     from helpers.outputs import same_instances, wkb_set
+
+    from geoseg.train.synth import write_scene
 
     scene = tmp_path / "scene.tif"
     write_scene(scene, size=700, seed=12)
     config = REPO / "configs" / "synthetic.yaml"
     for tiling in ({"tile_size": 1024}, {"tile_size": 192, "halo": 8}):
-        report = run([str(scene)], tmp_path / f"out{tiling['tile_size']}", load_config(config, {"tiling": tiling}),
-                     progress=False)
+        report = run(
+            [str(scene)],
+            tmp_path / f"out{tiling['tile_size']}",
+            load_config(config, {"tiling": tiling}),
+            progress=False,
+        )
         assert report.ok, report.failures
     a, b = tmp_path / "out1024" / "scene", tmp_path / "out192" / "scene"
     sa, sb = (json.loads((d / "summary.json").read_text()) for d in (a, b))

@@ -22,10 +22,10 @@ import yaml
 from click.testing import CliRunner
 
 from geoseg.cli.main import cli, main
-from geoseg.config import load_config
-from geoseg.errors import ConfigError
-from geoseg.grid import padded_size
-from geoseg.runlog import config_fingerprint
+from geoseg.core.config import load_config
+from geoseg.core.errors import ConfigError
+from geoseg.outputs.records import config_fingerprint
+from geoseg.raster.grid import padded_size
 
 N_CODES = 64
 PROBE = '''
@@ -64,7 +64,7 @@ def probe_config(d: Path, tiling: dict, runtime: dict) -> Path:
 
 @pytest.fixture(scope="module")
 def small_scene(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from geoseg.synth import write_scene
+    from geoseg.train.synth import write_scene
 
     path = tmp_path_factory.mktemp("cli_scene") / "small.tif"
     write_scene(path, size=300, seed=4)
@@ -74,8 +74,21 @@ def small_scene(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_flags_override_config(ray_session, small_scene, tmp_path):
     cfg = probe_config(tmp_path, {"tile_size": 512, "halo": 64, "blend": "none"}, {"batch_size": 8})
     out = tmp_path / "out"
-    args = ["-q", "run", str(small_scene), "--out", str(out), "--config", str(cfg),
-            "--tile-size", "128", "--halo", "8", "--batch-size", "2"]
+    args = [
+        "-q",
+        "run",
+        str(small_scene),
+        "--out",
+        str(out),
+        "--config",
+        str(cfg),
+        "--tile-size",
+        "128",
+        "--halo",
+        "8",
+        "--batch-size",
+        "2",
+    ]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, (result.output, result.exception)
     assert "1 processed, 0 unchanged (skipped), 0 failed; 9 tiles" in result.stdout
@@ -102,13 +115,16 @@ def test_window_flags_reach_the_model_actor(ray_session, small_scene, tmp_path):
     cfg = probe_config(tmp_path, {"tile_size": 128, "halo": 8}, {"batch_size": 2})
     for flags, side in (([], 320), (["--window", "128", "--overlap", "32"], 128)):
         out = tmp_path / f"out{side}"
-        result = CliRunner().invoke(cli, ["-q", "run", str(small_scene), "--out", str(out), "--config", str(cfg), *flags])
+        result = CliRunner().invoke(
+            cli, ["-q", "run", str(small_scene), "--out", str(out), "--config", str(cfg), *flags]
+        )
         assert result.exit_code == 0, (result.output, result.exception)
         with rasterio.open(out / "small" / "small_side.tif") as ds:
             seen = ds.read(1)
         assert set(np.unique(seen[seen != 255])) == {side // 32}
-    result = CliRunner().invoke(cli, ["-q", "run", str(small_scene), "--out", str(tmp_path / "bad"), "--config",
-                                      str(cfg), "--window", "100"])
+    result = CliRunner().invoke(
+        cli, ["-q", "run", str(small_scene), "--out", str(tmp_path / "bad"), "--config", str(cfg), "--window", "100"]
+    )
     assert str(result.exception) == "--window: window must be a multiple of 32 (encoders downsample by 32), got 100"
 
 
@@ -116,7 +132,7 @@ def test_config_values_apply_without_flags(ray_session, small_scene, tmp_path):
     cfg = probe_config(tmp_path, {"tile_size": 256, "halo": 16, "blend": "none"}, {"batch_size": 3})
     out = tmp_path / "out"
     even = tmp_path / "even.tif"  # 2 x 2 whole tiles: every tile runs in the configured square
-    from geoseg.synth import write_scene
+    from geoseg.train.synth import write_scene
 
     write_scene(even, size=512, seed=4)
     result = CliRunner().invoke(cli, ["-q", "run", str(even), "--out", str(out), "--config", str(cfg)])
@@ -138,8 +154,14 @@ def _fingerprint(path: Path, **sections: dict) -> str:
 
 BASE = {
     "tiling": {"tile_size": 256, "halo": 16},
-    "models": {"landuse": {"task": "semantic", "classes": ["a", "b", "c", "d", "e"], "bands": [1, 2, 3],
-                           "factory": "geoseg.synth:oracle_landuse"}},
+    "models": {
+        "landuse": {
+            "task": "semantic",
+            "classes": ["a", "b", "c", "d", "e"],
+            "bands": [1, 2, 3],
+            "factory": "geoseg.train.synth:oracle_landuse",
+        }
+    },
 }
 
 
@@ -186,8 +208,9 @@ def _main(monkeypatch, capsys, args: list[str]) -> tuple[int, str, str]:
 
 def test_entry_point_config_error_is_one_line_exit_2(tmp_path, small_scene, monkeypatch, capsys):
     cfg = _with(tmp_path / "cfg.yaml", lambda c: c["models"]["landuse"].update(bands=[0]))
-    code, _, err = _main(monkeypatch, capsys, ["-q", "run", str(small_scene), "--out", str(tmp_path / "out"),
-                                               "--config", str(cfg)])
+    code, _, err = _main(
+        monkeypatch, capsys, ["-q", "run", str(small_scene), "--out", str(tmp_path / "out"), "--config", str(cfg)]
+    )
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
@@ -197,8 +220,9 @@ def test_entry_point_config_error_is_one_line_exit_2(tmp_path, small_scene, monk
 
 def test_entry_point_missing_config_file(tmp_path, small_scene, monkeypatch, capsys):
     cfg = tmp_path / "nope.yaml"
-    code, _, err = _main(monkeypatch, capsys, ["-q", "run", str(small_scene), "--out", str(tmp_path / "out"),
-                                               "--config", str(cfg)])
+    code, _, err = _main(
+        monkeypatch, capsys, ["-q", "run", str(small_scene), "--out", str(tmp_path / "out"), "--config", str(cfg)]
+    )
     assert code == 2
     assert err.strip().splitlines() == [f"error: {cfg}: cannot read: No such file or directory"]
 
@@ -206,8 +230,9 @@ def test_entry_point_missing_config_file(tmp_path, small_scene, monkeypatch, cap
 def test_entry_point_yaml_syntax_error_is_one_line(tmp_path, small_scene, monkeypatch, capsys):
     cfg = tmp_path / "broken.yaml"
     cfg.write_text("tiling: {tile_size: 256\nmodels: [\n")
-    code, _, err = _main(monkeypatch, capsys, ["-q", "run", str(small_scene), "--out", str(tmp_path / "out"),
-                                               "--config", str(cfg)])
+    code, _, err = _main(
+        monkeypatch, capsys, ["-q", "run", str(small_scene), "--out", str(tmp_path / "out"), "--config", str(cfg)]
+    )
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {cfg}: not valid YAML"), err

@@ -9,17 +9,17 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from geoseg.config import load_config
-from geoseg.pipeline import run
 from helpers.outputs import assert_same_scene
+
+from geoseg.core.config import load_config
+from geoseg.runner.pipeline import run
 
 HELPER = Path(__file__).parent / "helpers" / "cluster_run.py"
 
 
 @pytest.fixture(scope="module")
 def three_scenes(tmp_path_factory):
-    from geoseg.synth import write_scene
+    from geoseg.train.synth import write_scene
 
     d = tmp_path_factory.mktemp("cluster-scenes")
     for seed, size in ((11, 640), (12, 700), (13, 600)):
@@ -36,9 +36,20 @@ def test_multi_node_cluster_equals_single_node(ray_session, three_scenes, oracle
     assert report.ok, report.failures
 
     multi, report_json = tmp_path / "multi", tmp_path / "report.json"
-    proc = subprocess.run([sys.executable, str(HELPER), str(oracle_config_path),
-                           json.dumps(overrides), str(multi),
-                           str(report_json), *inputs], capture_output=True, text=True, timeout=400)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(HELPER),
+            str(oracle_config_path),
+            json.dumps(overrides),
+            str(multi),
+            str(report_json),
+            *inputs,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     cluster = json.loads(report_json.read_text())
     assert cluster["ok"], cluster["failures"]

@@ -12,11 +12,11 @@ import yaml
 from affine import Affine
 from click.testing import CliRunner
 
-from geoseg.config import ClipNormalize, ScaleNormalize, config_from_dict, load_config
-from geoseg.contract import check_scene, save_contract, scene_gsd_m
-from geoseg.errors import ConfigError, InputError
-from geoseg.models import check_models, create_smp
-from geoseg.read import inspect_scene
+from geoseg.core.config import ClipNormalize, ScaleNormalize, config_from_dict, load_config
+from geoseg.core.contract import check_scene, save_contract, scene_gsd_m
+from geoseg.core.errors import ConfigError, InputError
+from geoseg.models.load import check_models, create_smp
+from geoseg.raster.read import inspect_scene
 
 CLASSES = ["water", "forest", "cropland", "urban", "bare"]
 
@@ -25,20 +25,41 @@ CLASSES = ["water", "forest", "cropland", "urban", "bare"]
 def model_dir(tmp_path_factory) -> Path:
     """A tiny smp model with the contract of the synthetic land-use model (3-band uint8, 1 m)."""
     d = tmp_path_factory.mktemp("contract") / "landuse"
-    create_smp("t", "Unet", "tu-resnet10t", 3, 5, {"encoder_depth": 3, "decoder_channels": [8, 8, 8]}).save_pretrained(str(d))
-    save_contract(d, {"task": "semantic", "classes": CLASSES, "bands": [1, 2, 3],
-                      "input": {"count": 3, "names": ["red", "green", "blue"], "dtype": "uint8", "gsd_m": 1.0},
-                      "normalize": {"scale": 255}, "metrics": {"mean_iou": 0.9}})
+    create_smp("t", "Unet", "tu-resnet10t", 3, 5, {"encoder_depth": 3, "decoder_channels": [8, 8, 8]}).save_pretrained(
+        str(d)
+    )
+    save_contract(
+        d,
+        {
+            "task": "semantic",
+            "classes": CLASSES,
+            "bands": [1, 2, 3],
+            "input": {"count": 3, "names": ["red", "green", "blue"], "dtype": "uint8", "gsd_m": 1.0},
+            "normalize": {"scale": 255},
+            "metrics": {"mean_iou": 0.9},
+        },
+    )
     return d
 
 
-def _raster(path: Path, count: int = 3, dtype: str = "uint8", res: float = 1.0, size: int = 64,
-            crs: str = "EPSG:32618") -> Path:
+def _raster(
+    path: Path, count: int = 3, dtype: str = "uint8", res: float = 1.0, size: int = 64, crs: str = "EPSG:32618"
+) -> Path:
     rng = np.random.default_rng(0)
     data = rng.integers(1, 200, (count, size, size)).astype(dtype)
     x0, y0 = (-77.0, 38.9) if crs == "EPSG:4326" else (500000.0, 4300000.0)
-    with rasterio.open(path, "w", driver="GTiff", width=size, height=size, count=count, dtype=dtype, crs=crs,
-                       transform=Affine(res, 0, x0, 0, -res, y0), nodata=0) as ds:
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=size,
+        height=size,
+        count=count,
+        dtype=dtype,
+        crs=crs,
+        transform=Affine(res, 0, x0, 0, -res, y0),
+        nodata=0,
+    ) as ds:
         ds.write(data)
     return path
 
@@ -54,7 +75,9 @@ def test_contract_supplies_the_head_and_yaml_wins(model_dir):
     assert spec.input.dtype == "uint8" and spec.input.count == 3 and spec.input.gsd_m == 1.0
     check_models(_cfg(model_dir))
     # An explicit band mapping turns the band-count check off; another normalisation the dtype check.
-    spec = _cfg(model_dir, bands=[3, 2, 1], normalize={"clip_low": [0, 0, 0], "clip_high": [4000, 4000, 4000]}).models["landuse"]
+    spec = _cfg(model_dir, bands=[3, 2, 1], normalize={"clip_low": [0, 0, 0], "clip_high": [4000, 4000, 4000]}).models[
+        "landuse"
+    ]
     assert spec.bands == [3, 2, 1] and isinstance(spec.normalize, ClipNormalize)
     assert spec.input.count is None and spec.input.dtype is None and spec.input.gsd_m == 1.0
     # The YAML may also loosen a check directly.
@@ -74,14 +97,25 @@ def test_relative_weights_resolve_against_the_yaml_folder(tmp_path, model_dir):
         load_config(cfg_path)
 
 
-@pytest.mark.parametrize("raster,head,message", [
-    ({"dtype": "uint16"}, {}, "does not fit model 'landuse': expects uint8 pixels, the raster is uint16"),
-    ({"count": 4}, {}, "was trained on 3-band rasters (red, green, blue), this one has 4 band(s); set models.landuse.bands"),
-    ({"count": 1}, {"bands": [1, 1, 1], "input": {"count": 3}}, "was trained on 3-band rasters"),
-    ({"res": 20.0}, {}, "was trained at 1 m per pixel, the raster has 20 m: resampling would make 400 model pixels "
-                        "of each of its pixels (limit 16x per axis); resample the raster, or raise tiling.max_resample"),
-    ({"count": 1}, {}, "reads bands [1, 2, 3] but the raster has 1 band(s)"),
-])
+@pytest.mark.parametrize(
+    "raster,head,message",
+    [
+        ({"dtype": "uint16"}, {}, "does not fit model 'landuse': expects uint8 pixels, the raster is uint16"),
+        (
+            {"count": 4},
+            {},
+            "was trained on 3-band rasters (red, green, blue), this one has 4 band(s); set models.landuse.bands",
+        ),
+        ({"count": 1}, {"bands": [1, 1, 1], "input": {"count": 3}}, "was trained on 3-band rasters"),
+        (
+            {"res": 20.0},
+            {},
+            "was trained at 1 m per pixel, the raster has 20 m: resampling would make 400 model pixels "
+            "of each of its pixels (limit 16x per axis); resample the raster, or raise tiling.max_resample",
+        ),
+        ({"count": 1}, {}, "reads bands [1, 2, 3] but the raster has 1 band(s)"),
+    ],
+)
 def test_scene_that_does_not_fit_fails_with_one_line(tmp_path, model_dir, raster, head, message):
     path = _raster(tmp_path / "scene.tif", **raster)
     cfg = _cfg(model_dir, **head)
@@ -98,12 +132,16 @@ def test_pixel_size_is_resampled_within_the_limit_and_refused_without_resampling
     ten = inspect_scene(str(_raster(tmp_path / "ten.tif", res=10.0)))
     head = {"landuse": {"weights": str(model_dir)}}
     check_scene(ten, config_from_dict({"models": head}))
-    for tiling, how in (({"resample": False}, "turn tiling.resample on"),
-                        ({"blend": "none"}, "use tiling.blend: hann, which resamples")):
+    for tiling, how in (
+        ({"resample": False}, "turn tiling.resample on"),
+        ({"blend": "none"}, "use tiling.blend: hann, which resamples"),
+    ):
         with pytest.raises(InputError) as err:
             check_scene(ten, config_from_dict({"tiling": tiling, "models": head}))
-        assert str(err.value) == (f"{ten.path}: does not fit model 'landuse': was trained at 1 m per pixel, the raster "
-                                  f"has 10 m (more than 3x off); resample it, or {how}")
+        assert str(err.value) == (
+            f"{ten.path}: does not fit model 'landuse': was trained at 1 m per pixel, the raster "
+            f"has 10 m (more than 3x off); resample it, or {how}"
+        )
     with pytest.raises(InputError, match="limit 8x per axis"):
         check_scene(ten, config_from_dict({"tiling": {"max_resample": 8}, "models": head}))
 
@@ -126,8 +164,12 @@ def test_run_reports_the_misfit_scene_and_processes_the_others(ray_session, tmp_
     _raster(tmp_path / "in" / "wide.tif", dtype="uint16")
     _raster(tmp_path / "in" / "pan.tif", count=1)
     cfg = tmp_path / "run.yaml"
-    cfg.write_text(yaml.safe_dump({"tiling": {"tile_size": 64, "halo": 0}, "models": {"landuse": {"weights": str(model_dir)}}}))
-    result = CliRunner().invoke(cli, ["-q", "run", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--config", str(cfg)])
+    cfg.write_text(
+        yaml.safe_dump({"tiling": {"tile_size": 64, "halo": 0}, "models": {"landuse": {"weights": str(model_dir)}}})
+    )
+    result = CliRunner().invoke(
+        cli, ["-q", "run", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--config", str(cfg)]
+    )
     assert result.exit_code == 1, result.output
     err = result.stderr if hasattr(result, "stderr") else result.output
     assert "wide.tif: does not fit model 'landuse': expects uint8 pixels, the raster is uint16" in err

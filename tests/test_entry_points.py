@@ -56,13 +56,16 @@ def _strict(schema):
     if not isinstance(schema, dict):
         return schema
     out = {k: _strict(v) for k, v in schema.items()}
-    if ("properties" in out and "additionalProperties" not in out
-            and not out.get("x-kubernetes-preserve-unknown-fields")):
+    if (
+        "properties" in out
+        and "additionalProperties" not in out
+        and not out.get("x-kubernetes-preserve-unknown-fields")
+    ):
         out["additionalProperties"] = False
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load_crd(path: Path) -> dict:
     return yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # 1.4 MB of YAML
 
@@ -124,14 +127,20 @@ def _broken_manifests() -> list[tuple[str, str, callable]]:
     def bad_enum(m):
         m["spec"].get("jobTemplate", m["spec"])["rayClusterSpec"]["authOptions"]["mode"] = "password"
 
-    cases = [("wrong_type", "replicas", wrong_type), ("typo", "shutdownAfterJobFinish", typo),
-             ("missing_required", "minReplicas", missing_required), ("bad_enum", "password", bad_enum)]
+    cases = [
+        ("wrong_type", "replicas", wrong_type),
+        ("typo", "shutdownAfterJobFinish", typo),
+        ("missing_required", "minReplicas", missing_required),
+        ("bad_enum", "password", bad_enum),
+    ]
     return [(name, *case) for name in sorted(MANIFESTS) for case in cases] + [
-        ("raycronjob.yaml", "no_schedule", "schedule", lambda m: m["spec"].pop("schedule"))]
+        ("raycronjob.yaml", "no_schedule", "schedule", lambda m: m["spec"].pop("schedule"))
+    ]
 
 
-@pytest.mark.parametrize(("name", "case", "expected", "breaks"), _broken_manifests(),
-                         ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize(
+    ("name", "case", "expected", "breaks"), _broken_manifests(), ids=lambda v: v if isinstance(v, str) else ""
+)
 def test_broken_manifest_fails_validation(kuberay_crds, name, case, expected, breaks):
     """The validation can fail: each deliberate mistake is reported, naming the field."""
     manifest = copy.deepcopy(_manifest(name))
@@ -200,9 +209,14 @@ def _dockerfile() -> dict:
     def copies(stage):
         return [shlex.split(line)[1:] for line in stage.splitlines() if line.startswith("COPY ")]
 
-    return {"image": image[0], "ray_version": re.search(r"^ARG RAY_VERSION=(\S+)$", text, flags=re.M)[1],
-            "bases": [s.splitlines()[0] for s in stages], "workdir": re.findall(r"^WORKDIR (\S+)$", stages[1], re.M)[-1],
-            "wheel_copies": copies(stages[0]), "image_copies": copies(stages[1])}
+    return {
+        "image": image[0],
+        "ray_version": re.search(r"^ARG RAY_VERSION=(\S+)$", text, flags=re.M)[1],
+        "bases": [s.splitlines()[0] for s in stages],
+        "workdir": re.findall(r"^WORKDIR (\S+)$", stages[1], re.M)[-1],
+        "wheel_copies": copies(stages[0]),
+        "image_copies": copies(stages[1]),
+    }
 
 
 def _containers(spec: dict) -> list[dict]:
@@ -237,12 +251,24 @@ def test_nightly_script_builds_the_documented_command(tmp_path):
     fake.chmod(0o755)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PATH"] = f"{fake.parent}:{env['PATH']}"
-    out = subprocess.run(["bash", "jobs/nightly.sh", "/data/scenes", "/data/out"], cwd=REPO, env=env,
-                         capture_output=True, text=True, check=True).stdout.splitlines()
+    out = subprocess.run(
+        ["bash", "jobs/nightly.sh", "/data/scenes", "/data/out"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
     assert out == ["RAY_ADDRESS=auto", "run", "/data/scenes", "--out", "/data/out", "--recursive"]
     env["RAY_ADDRESS"] = "10.0.0.1:6379"
-    out = subprocess.run(["bash", "jobs/nightly.sh", "s", "o", "my config.yaml"], cwd=REPO, env=env,
-                         capture_output=True, text=True, check=True).stdout.splitlines()
+    out = subprocess.run(
+        ["bash", "jobs/nightly.sh", "s", "o", "my config.yaml"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
     assert out[0] == "RAY_ADDRESS=10.0.0.1:6379" and out[-2:] == ["--config", "my config.yaml"]
 
 
@@ -313,13 +339,17 @@ def _local_cluster_script(block: str, temp_dir: Path, data: Path) -> str:
     # Only to keep clear of other Ray sessions on this machine (other tests', other users'): a private
     # temp dir, and free ports where Ray's defaults are fixed (client server 10001, agents' HTTP 52365:
     # a head whose agent cannot bind it accepts no job).
-    script = script.replace("ray start --head ", f"ray start --head --temp-dir {temp_dir} --ray-client-server-port "
-                                                 f"{client} --dashboard-agent-listen-port {head_agent} ", 1)
+    script = script.replace(
+        "ray start --head ",
+        f"ray start --head --temp-dir {temp_dir} --ray-client-server-port "
+        f"{client} --dashboard-agent-listen-port {head_agent} ",
+        1,
+    )
     return script.replace("ray start --address ", f"ray start --dashboard-agent-listen-port {node_agent} --address ", 1)
 
 
 def test_readme_two_node_cluster_runs_the_entry_point(tmp_path):
-    from geoseg.evaluate import score_synthetic
+    from geoseg.train.evaluate import score_synthetic
 
     block = _readme_cluster_block()
     assert _submit_entrypoint(block).startswith("bash jobs/nightly.sh ")
@@ -330,11 +360,21 @@ def test_readme_two_node_cluster_runs_the_entry_point(tmp_path):
     gcs_port = re.search(r"ray start --head .*--port (\d+)", script.read_text())[1]
     home = tmp_path / "home"  # `ray get-auth-token --generate` writes $HOME/.ray/auth_token
     home.mkdir()
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("RAY_", "VIRTUAL_ENV")) and k not in ("PYTHONPATH", "PYTHONHOME")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("RAY_", "VIRTUAL_ENV")) and k not in ("PYTHONPATH", "PYTHONHOME")
+    }
     env.update(HOME=str(home), RAY_USAGE_STATS_ENABLED="0")
-    proc = subprocess.Popen(["bash", str(script)], cwd=REPO, env=env, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        ["bash", str(script)],
+        cwd=REPO,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         try:
             log, _ = proc.communicate(timeout=300)
@@ -344,9 +384,14 @@ def test_readme_two_node_cluster_runs_the_entry_point(tmp_path):
             pytest.fail("the README's cluster block ran past 300 s:\n" + log[-6000:])
         assert proc.returncode == 0, log[-6000:]
         assert re.search(r"Job '\S+' succeeded", log), log[-6000:]
-        status = subprocess.run(["ray", "status", "--address", f"127.0.0.1:{gcs_port}"], cwd=REPO,
-                                env={**env, "RAY_AUTH_MODE": "token", "PATH": f"{REPO / '.venv' / 'bin'}:{env['PATH']}"},
-                                capture_output=True, text=True, timeout=60)
+        status = subprocess.run(
+            ["ray", "status", "--address", f"127.0.0.1:{gcs_port}"],
+            cwd=REPO,
+            env={**env, "RAY_AUTH_MODE": "token", "PATH": f"{REPO / '.venv' / 'bin'}:{env['PATH']}"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         active = status.stdout.split("Active:", 1)[-1].split("Pending:", 1)[0]
         assert len(re.findall(r"\bnode_[0-9a-f]+", active)) == 2, status.stdout + status.stderr
     finally:
@@ -356,8 +401,9 @@ def test_readme_two_node_cluster_runs_the_entry_point(tmp_path):
     out = data / "out"
     scenes = [p for p in (data / "scenes").glob("*.tif")]
     assert len(scenes) == 1
-    assert sorted(p.name for p in out.iterdir()) == sorted(["run-manifest.json", "runs", "summary.csv", "collection.json",
-                                                           "report.html", scenes[0].stem])
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["run-manifest.json", "runs", "summary.csv", "collection.json", "report.html", scenes[0].stem]
+    )
     scene_out = out / scenes[0].stem
     summary = json.loads((scene_out / "summary.json").read_text())
     assert summary["status"] == "ok" and summary["input"] == str(scenes[0])
@@ -406,31 +452,69 @@ def test_wheel_carries_default_config_and_models(tmp_path):
     nothing downloaded) and run the installed `geoseg run` without --config outside the checkout."""
     src, dist = tmp_path / "src", tmp_path / "dist"
     _copy_like_docker(_dockerfile()["wheel_copies"], src)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index",
-                    "-w", str(dist), str(src)], check=True, capture_output=True, text=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-w",
+            str(dist),
+            str(src),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     wheels = list(dist.glob("geoseg-*.whl"))
     assert len(wheels) == 1, wheels
     names = set(zipfile.ZipFile(wheels[0]).namelist())
     models = ("aerial-landuse", "aerial-buildings", "synth-landuse", "synth-buildings", "synth-ships")
-    for path in ("geoseg/defaults/configs/default.yaml", "geoseg/defaults/configs/synthetic.yaml",
-                 "geoseg/defaults/configs/synthetic-oracle.yaml",
-                 *(f"geoseg/defaults/models/{m}/{f}" for m in models for f in ("config.json", "geoseg.json", "model.safetensors"))):
+    for path in (
+        "geoseg/defaults/configs/default.yaml",
+        "geoseg/defaults/configs/synthetic.yaml",
+        "geoseg/defaults/configs/synthetic-oracle.yaml",
+        *(
+            f"geoseg/defaults/models/{m}/{f}"
+            for m in models
+            for f in ("config.json", "geoseg.json", "model.safetensors")
+        ),
+    ):
         assert path in names, path
     assert not any(n.startswith("geoseg/defaults/models/") and n.split("/")[3] not in models for n in names)
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     py = venv / "bin" / "python"
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-deps", "--no-index",
-                    str(wheels[0])], check=True, capture_output=True, text=True, timeout=300)
-    site = Path(subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                               check=True, capture_output=True, text=True).stdout.strip())
+    subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-deps", "--no-index", str(wheels[0])],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    site = Path(
+        subprocess.run(
+            [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    )
     (site / "geoseg_test_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("RAY_", "VIRTUAL_ENV")) and k not in ("PYTHONPATH", "PYTHONHOME")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("RAY_", "VIRTUAL_ENV")) and k not in ("PYTHONPATH", "PYTHONHOME")
+    }
     env.update(PATH=f"{venv / 'bin'}:/usr/bin:/bin", RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
 
     def run(*args, timeout=300):

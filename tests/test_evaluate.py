@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 import shapely
 
-from geoseg.evaluate import confusion, format_scores, match_instances, match_polygons, score_synthetic, semantic_scores
+from geoseg.train.evaluate import (
+    confusion,
+    format_scores,
+    match_instances,
+    match_polygons,
+    score_synthetic,
+    semantic_scores,
+)
 
 
 def test_confusion_and_iou():
@@ -16,7 +23,11 @@ def test_confusion_and_iou():
     cm = confusion(pred, truth, 3)
     assert cm.tolist() == [[1, 1, 0, 0], [0, 2, 0, 1], [1, 0, 1, 0]]  # the 255 prediction: a miss of class 1
     s = semantic_scores(cm, ["a", "b", "c"])
-    assert s["iou"] == {"a": pytest.approx(1 / 3, abs=1e-4), "b": pytest.approx(2 / 4, abs=1e-4), "c": pytest.approx(1 / 2)}
+    assert s["iou"] == {
+        "a": pytest.approx(1 / 3, abs=1e-4),
+        "b": pytest.approx(2 / 4, abs=1e-4),
+        "c": pytest.approx(1 / 2),
+    }
     assert s["pixels"] == 7 and s["pixel_accuracy"] == pytest.approx(4 / 7, abs=1e-4)
     assert semantic_scores(np.zeros((2, 3), int), ["x", "y"])["iou"] == {"x": None, "y": None}
 
@@ -33,16 +44,18 @@ def test_instance_matching_at_iou_half():
     m = match_instances(pred, truth)
     assert (m["matched"], m["predicted"], m["truth"]) == (1, 2, 3)
     assert m["precision"] == 0.5 and m["recall"] == pytest.approx(1 / 3, abs=1e-4)
-    polys = match_polygons([shapely.box(0, 0, 4, 4), shapely.box(9, 6, 10, 10)],
-                           [shapely.box(0, 0, 4, 4), shapely.box(6, 6, 10, 10), shapely.box(8, 0, 10, 2)])
+    polys = match_polygons(
+        [shapely.box(0, 0, 4, 4), shapely.box(9, 6, 10, 10)],
+        [shapely.box(0, 0, 4, 4), shapely.box(6, 6, 10, 10), shapely.box(8, 0, 10, 2)],
+    )
     assert {k: polys[k] for k in ("matched", "predicted", "truth")} == {"matched": 1, "predicted": 2, "truth": 3}
     assert match_instances(np.zeros((3, 3)), np.zeros((3, 3)))["f1"] == 1.0  # nothing to find, nothing found
 
 
 def test_oracle_run_scores_perfectly_against_synthetic_truth(ray_session, tmp_path, oracle_config_path):
-    from geoseg.config import load_config
-    from geoseg.pipeline import run
-    from geoseg.synth import write_scene
+    from geoseg.core.config import load_config
+    from geoseg.runner.pipeline import run
+    from geoseg.train.synth import write_scene
 
     scene = tmp_path / "s.tif"
     objects = write_scene(scene, size=512, seed=4, touching_pairs=0)

@@ -33,11 +33,11 @@ import numpy as np
 import pytest
 import rasterio
 import yaml
-
-from geoseg.config import load_config
-from geoseg.errors import GeosegError
-from geoseg.pipeline import RunReport, run
 from helpers.outputs import assert_same_scene
+
+from geoseg.core.config import load_config
+from geoseg.core.errors import GeosegError
+from geoseg.runner.pipeline import RunReport, run
 
 HELPERS = Path(__file__).parent / "helpers"
 CLUSTER_RUN = HELPERS / "cluster_run.py"
@@ -144,7 +144,7 @@ def _run_killing_model_actor(inputs: list[str], out: Path, config) -> tuple[RunR
 
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
-    from geoseg.synth import write_scene
+    from geoseg.train.synth import write_scene
 
     d = tmp_path_factory.mktemp("fault-scenes")
     paths = []
@@ -154,8 +154,13 @@ def scenes(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     return paths
 
 
-def _config_with(path: Path, oracle_config_path: Path, landuse_factory: str | None = None,
-                 models_file: Path = FAULT_MODELS, tiling: dict | None = None) -> Path:
+def _config_with(
+    path: Path,
+    oracle_config_path: Path,
+    landuse_factory: str | None = None,
+    models_file: Path = FAULT_MODELS,
+    tiling: dict | None = None,
+) -> Path:
     """The oracle config with the land-use model swapped for ``models_file:landuse_factory``."""
     cfg = yaml.safe_load(oracle_config_path.read_text())
     cfg["tiling"] = {**cfg["tiling"], **OVERRIDES["tiling"], **(tiling or {})}
@@ -202,8 +207,21 @@ def test_worker_node_dies_mid_run(scenes, undisturbed, oracle_config_path, tmp_p
     expected, config_path = undisturbed
     slow = _config_with(tmp_path / "config.yaml", oracle_config_path, "slow_landuse")  # scenes still at work
     out, report_json = tmp_path / "out", tmp_path / "report.json"
-    proc = subprocess.run([sys.executable, str(CLUSTER_RUN), "--remove-node-mid-run", str(slow), "{}",
-                           str(out), str(report_json), *scenes], capture_output=True, text=True, timeout=400)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(CLUSTER_RUN),
+            "--remove-node-mid-run",
+            str(slow),
+            "{}",
+            str(out),
+            str(report_json),
+            *scenes,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rep = json.loads(report_json.read_text())
     assert rep["removed"], f"the run ended before a node could be removed mid-run ({rep['seconds']} s)"
@@ -237,8 +255,7 @@ def fault_models():
     return module
 
 
-def test_poison_tile_fails_only_its_scene(ray_session, scenes, undisturbed, fault_models, oracle_config_path,
-                                          tmp_path):
+def test_poison_tile_fails_only_its_scene(ray_session, scenes, undisturbed, fault_models, oracle_config_path, tmp_path):
     """A tile that kills its model worker each time fails its scene (one plain line naming the scene,
     the tile window and the cause); the scenes before and after it complete, equal to an undisturbed
     run (the poisoned model is the oracle on every other tile)."""
@@ -254,8 +271,9 @@ def test_poison_tile_fails_only_its_scene(ray_session, scenes, undisturbed, faul
     _with_poison(scenes[1], poison, fault_models.MARKER, row=380, col=300)
     # Each tile one window (blend none), so that only tile 4's model call sees the poison: blended
     # windows on this 700 px scene all hold it, and the first tile to die would be named instead.
-    config = load_config(_config_with(tmp_path / "config.yaml", oracle_config_path, "poison_landuse",
-                                      tiling={"blend": "none"}))
+    config = load_config(
+        _config_with(tmp_path / "config.yaml", oracle_config_path, "poison_landuse", tiling={"blend": "none"})
+    )
     expected, config_path = undisturbed
 
     out = tmp_path / "out"

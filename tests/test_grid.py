@@ -4,7 +4,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from geoseg.grid import padded_size, plan_tiles, tile_grid_shape
+from geoseg.raster.grid import padded_size, plan_tiles, tile_grid_shape
 
 
 @settings(max_examples=200, deadline=None)

@@ -25,8 +25,8 @@ SYNTH_ONLY = "trained only on synthetic scenes (geoseg synth)"
 
 @pytest.mark.parametrize("model_dir", MODELS, ids=lambda p: p.name)
 def test_every_model_declares_what_it_was_trained_on(model_dir):
-    from geoseg.config import config_from_dict
-    from geoseg.contract import load_contract
+    from geoseg.core.config import config_from_dict
+    from geoseg.core.contract import load_contract
 
     trained_on = load_contract(model_dir / "geoseg.json").get("trained_on")
     assert trained_on is not None, f"{model_dir.name}/geoseg.json has no trained_on"
@@ -38,7 +38,7 @@ def test_every_model_declares_what_it_was_trained_on(model_dir):
 
 def test_default_config_is_real_and_the_synthetic_one_synthetic():
     from geoseg.api import DEFAULT_CONFIG
-    from geoseg.config import load_config
+    from geoseg.core.config import load_config
 
     config = load_config(DEFAULT_CONFIG)
     assert {n: s.trained_on.imagery for n, s in config.models.items()} == {"landuse": "real", "buildings": "real"}
@@ -49,8 +49,8 @@ def test_default_config_is_real_and_the_synthetic_one_synthetic():
 def test_synth_tags_its_scenes(tmp_path):
     import rasterio
 
-    from geoseg.read import inspect_scene
-    from geoseg.synth import write_scene
+    from geoseg.raster.read import inspect_scene
+    from geoseg.train.synth import write_scene
 
     path = tmp_path / "s.tif"
     write_scene(path, size=128, seed=4)
@@ -66,28 +66,31 @@ def _info(name: str, synthetic: bool) -> SimpleNamespace:
 
 
 def test_imagery_warning_names_the_models_and_the_real_inputs():
-    from geoseg.config import load_config
-    from geoseg.contract import imagery_warning
+    from geoseg.core.config import load_config
+    from geoseg.core.contract import imagery_warning
 
     config = load_config(SYNTHETIC_CONFIG)
     assert imagery_warning(config, [_info("a.tif", True), _info("b.tif", True)]) is None
     run, scene = imagery_warning(config, [_info("a.tif", True), _info("cogeo.tif", False)])
-    assert run == ("models landuse, buildings, ships were trained only on synthetic scenes (geoseg synth); 1 input "
-                   "is real imagery (cogeo.tif): expect wrong classes and counts. Use models trained on imagery like "
-                   "yours (docs/models.md).")
+    assert run == (
+        "models landuse, buildings, ships were trained only on synthetic scenes (geoseg synth); 1 input "
+        "is real imagery (cogeo.tif): expect wrong classes and counts. Use models trained on imagery like "
+        "yours (docs/models.md)."
+    )
     assert SYNTH_ONLY in scene and "this raster is not one" in scene
     run, _ = imagery_warning(config, [_info(f"{i}.tif", False) for i in range(5)])
     assert "5 inputs are real imagery (0.tif, 1.tif, 2.tif and 2 more)" in run
-    real = load_config(SYNTHETIC_CONFIG).model_copy(update={"models": {
-        "ships": config.models["ships"].model_copy(update={"trained_on": None})}})
+    real = load_config(SYNTHETIC_CONFIG).model_copy(
+        update={"models": {"ships": config.models["ships"].model_copy(update={"trained_on": None})}}
+    )
     assert imagery_warning(real, [_info("cogeo.tif", False)]) is None  # unknown training data: no claim
 
 
 def test_train_records_synthetic_or_real(tmp_path):
     """``geoseg train`` writes trained_on: synthetic for geoseg synth scenes (generated or tagged files)."""
-    from geoseg.synth import write_scene
-    from geoseg.train import trained_on
-    from geoseg.train_config import load_train_config
+    from geoseg.train.config import load_train_config
+    from geoseg.train.fit import trained_on
+    from geoseg.train.synth import write_scene
 
     cfg = load_train_config(REPO / "configs" / "train" / "synth-ships.yaml")
     scenes = [SimpleNamespace(spec=s, name=f"{i}:synth.tif") for i, s in enumerate(cfg.scenes)]
@@ -116,11 +119,11 @@ def test_quiet_cli_still_shows_the_run_warnings(monkeypatch, tmp_path):
     """``geoseg -q run`` hides the log, not a warning that the results may be wrong."""
     from click.testing import CliRunner
 
-    import geoseg.pipeline
+    import geoseg.runner.pipeline
     from geoseg.cli.main import cli
 
-    report = geoseg.pipeline.RunReport(warnings=["models x were trained only on synthetic scenes"])
-    monkeypatch.setattr(geoseg.pipeline, "run", lambda *a, **k: report)
+    report = geoseg.runner.pipeline.RunReport(warnings=["models x were trained only on synthetic scenes"])
+    monkeypatch.setattr(geoseg.runner.pipeline, "run", lambda *a, **k: report)
     result = CliRunner().invoke(cli, ["-q", "run", "a.tif", "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
     assert "warning: models x were trained only on synthetic scenes" in result.stderr
@@ -137,9 +140,24 @@ def test_synthetic_config_on_real_imagery_warns_once(shared_data, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
     env["HOME"] = str(tmp_path / "home")
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "geoseg.cli.main", "run", str(scene), "--out", str(out),
-                           "--config", str(SYNTHETIC_CONFIG)],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "geoseg.cli.main",
+            "run",
+            str(scene),
+            "--out",
+            str(out),
+            "--config",
+            str(SYNTHETIC_CONFIG),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if SYNTH_ONLY in ln]
     assert len(lines) == 1, proc.stderr
@@ -156,9 +174,9 @@ def test_synthetic_config_on_real_imagery_warns_once(shared_data, tmp_path):
 
 
 def test_synthetic_config_on_a_synth_scene_does_not_warn(ray_session, tmp_path, caplog):
-    from geoseg.config import load_config
-    from geoseg.pipeline import run
-    from geoseg.synth import write_scene
+    from geoseg.core.config import load_config
+    from geoseg.runner.pipeline import run
+    from geoseg.train.synth import write_scene
 
     scene = tmp_path / "synth.tif"
     write_scene(scene, size=256, seed=1)

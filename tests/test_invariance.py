@@ -14,8 +14,8 @@ import pytest
 import rasterio
 import shapely
 
-from geoseg.config import load_config
-from geoseg.pipeline import run
+from geoseg.core.config import load_config
+from geoseg.runner.pipeline import run
 
 TILINGS = [(t, h) for t in (256, 512, 1024) for h in (0, 32, 128)]
 _reference: dict[str, object] = {}
@@ -38,7 +38,9 @@ def _match(found: gpd.GeoDataFrame, truth: gpd.GeoDataFrame) -> np.ndarray:
 
 @pytest.mark.parametrize("tile,halo", TILINGS)
 def test_tiling_invariance_against_truth(ray_session, synth_scene, oracle_config_path, tmp_path, tile, halo):
-    config = load_config(oracle_config_path, {"tiling": {"tile_size": tile, "halo": halo}, "runtime": {"batch_size": 4}})
+    config = load_config(
+        oracle_config_path, {"tiling": {"tile_size": tile, "halo": halo}, "runtime": {"batch_size": 4}}
+    )
     report = run([str(synth_scene)], tmp_path, config, progress=False)
     assert report.ok, report.failures
     out = tmp_path / "scene"
@@ -82,7 +84,7 @@ def test_scene_holds_the_hard_cases(synth_scene):
 
 
 def test_three_channel_decoding_separates_touching_buildings(ray_session, tmp_path, oracle_config_path):
-    from geoseg.synth import write_scene
+    from geoseg.train.synth import write_scene
 
     scene = tmp_path / "pairs" / "pairs.tif"
     scene.parent.mkdir()
@@ -90,8 +92,10 @@ def test_three_channel_decoding_separates_touching_buildings(ray_session, tmp_pa
     pairs = sum(o.contact is not None for o in objects) // 2
     assert pairs >= 3
     counts = {}
-    for channels, factory in ((["body"], "geoseg.synth:oracle_buildings"),
-                              (["body", "border", "contact"], "geoseg.synth:oracle_buildings_3ch")):
+    for channels, factory in (
+        (["body"], "geoseg.train.synth:oracle_buildings"),
+        (["body", "border", "contact"], "geoseg.train.synth:oracle_buildings_3ch"),
+    ):
         import yaml
 
         cfg = yaml.safe_load(oracle_config_path.read_text())

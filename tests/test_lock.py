@@ -11,15 +11,17 @@ import time
 
 import pytest
 
-from geoseg.config import load_config
-from geoseg.errors import OutputError
-from geoseg.lock import LOCK_NAME
-from geoseg.pipeline import run
+from geoseg.core.config import load_config
+from geoseg.core.errors import OutputError
+from geoseg.runner.lock import LOCK_NAME
+from geoseg.runner.pipeline import run
 
 
 def _write_lock(out, pid: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / LOCK_NAME).write_text(json.dumps({"host": socket.gethostname(), "pid": pid, "started": "2026-11-26T01:00:00"}))
+    (out / LOCK_NAME).write_text(
+        json.dumps({"host": socket.gethostname(), "pid": pid, "started": "2026-11-26T01:00:00"})
+    )
 
 
 def test_a_live_run_holding_the_folder_is_named_and_nothing_is_written(synth_scene, oracle_config_path, tmp_path):
@@ -51,8 +53,20 @@ def test_the_lock_of_a_killed_run_is_taken_over(ray_session, synth_scene, oracle
 
 def test_two_commands_on_one_folder_the_second_refuses(synth_scene, oracle_config_path, tmp_path):
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "geoseg.cli.main", "-q", "run", str(synth_scene), "--out", str(out),
-           "--config", str(oracle_config_path), "--tile-size", "256"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "geoseg.cli.main",
+        "-q",
+        "run",
+        str(synth_scene),
+        "--out",
+        str(out),
+        "--config",
+        str(oracle_config_path),
+        "--tile-size",
+        "256",
+    ]
     first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
     try:
         deadline = time.monotonic() + 60

@@ -13,10 +13,12 @@ import rasterio
 import torch
 import yaml
 
-from geoseg.config import config_from_dict, load_config
-from geoseg.errors import ConfigError, ModelError
-from geoseg.infer import Predictor, _normalize, predict_probs
-from geoseg.models import build_model, check_models, create_smp
+from geoseg.core.config import config_from_dict, load_config
+from geoseg.core.errors import ConfigError, ModelError
+from geoseg.models.forward import normalize as _normalize
+from geoseg.models.forward import predict_probs
+from geoseg.models.infer import Predictor
+from geoseg.models.load import build_model, check_models, create_smp
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 
@@ -29,8 +31,18 @@ def _smp(arch: str = "Unet", in_channels: int = 3, classes: int = 5, **params) -
 
 
 def _semantic(source: dict, bands=(1, 2, 3), **extra) -> dict:
-    return {"models": {"landuse": {"task": "semantic", "classes": ["water", "forest", "cropland", "urban", "bare"],
-                                   "bands": list(bands), "normalize": {"scale": 255}, **source, **extra}}}
+    return {
+        "models": {
+            "landuse": {
+                "task": "semantic",
+                "classes": ["water", "forest", "cropland", "urban", "bare"],
+                "bands": list(bands),
+                "normalize": {"scale": 255},
+                **source,
+                **extra,
+            }
+        }
+    }
 
 
 @pytest.fixture(scope="module")
@@ -40,13 +52,16 @@ def smp_dir(tmp_path_factory) -> Path:
     return d
 
 
-@pytest.mark.parametrize("arch,params", [
-    ("Unet", TINY),
-    ("UnetPlusPlus", TINY),
-    ("FPN", {"encoder_depth": 5, "decoder_pyramid_channels": 32, "decoder_segmentation_channels": 32}),
-    ("DeepLabV3Plus", {"encoder_depth": 4, "decoder_channels": 32, "decoder_atrous_rates": [2, 4, 6]}),
-    ("Segformer", {"encoder_depth": 3, "decoder_segmentation_channels": 32}),
-])
+@pytest.mark.parametrize(
+    "arch,params",
+    [
+        ("Unet", TINY),
+        ("UnetPlusPlus", TINY),
+        ("FPN", {"encoder_depth": 5, "decoder_pyramid_channels": 32, "decoder_segmentation_channels": 32}),
+        ("DeepLabV3Plus", {"encoder_depth": 4, "decoder_channels": 32, "decoder_atrous_rates": [2, 4, 6]}),
+        ("Segformer", {"encoder_depth": 3, "decoder_segmentation_channels": 32}),
+    ],
+)
 def test_smp_architectures_load_from_state_dict_files(tmp_path, arch, params):
     ref = _smp(arch, **params)
     x = torch.rand(1, 3, 64, 64)
@@ -58,8 +73,10 @@ def test_smp_architectures_load_from_state_dict_files(tmp_path, arch, params):
             from safetensors.torch import save_file
 
             save_file(ref.state_dict(), str(path))
-        cfg = config_from_dict(_semantic({"weights": path.name, "arch": arch.lower(), "encoder": "tu-resnet10t",
-                                          "arch_params": params}), base_dir=str(tmp_path))
+        cfg = config_from_dict(
+            _semantic({"weights": path.name, "arch": arch.lower(), "encoder": "tu-resnet10t", "arch_params": params}),
+            base_dir=str(tmp_path),
+        )
         check_models(cfg)
         model = build_model("landuse", cfg.models["landuse"], cfg.base_dir)
         with torch.inference_mode():
@@ -72,18 +89,21 @@ def test_save_pretrained_directory_needs_no_arch(smp_dir):
     assert type(build_model("landuse", cfg.models["landuse"])).__name__ == "Unet"
 
 
-@pytest.mark.parametrize("source,extra,message", [
-    ({"weights": "missing_dir"}, {}, "not found"),
-    ({"weights": "SMPDIR"}, {"bands": [1]}, "takes 3 input band(s) but the config reads 1 band(s) [1]"),
-    ({"weights": "SMPDIR"}, {"classes": ["a", "b"]}, "outputs 5 channel(s) but the config has 2"),
-    ({"weights": "SMPDIR", "arch": "FPN"}, {}, "config says arch 'FPN' but"),
-    ({"weights": "W.pt", "arch": "Unet", "encoder": "tu-resnet10t"}, {}, "do not fit the configured network"),
-    ({"weights": "W.pt"}, {}, "set 'arch'"),
-    ({"weights": "W.pt", "arch": "NoSuchNet"}, {}, "unknown arch 'NoSuchNet'"),
-    ({"torchscript": "W.pt"}, {}, "is not a TorchScript file"),
-    ({"arch": "Unet"}, {}, "needs 'weights'"),
-    ({"factory": "geoseg.synth:oracle_landuse", "torchscript": "W.pt"}, {}, "only one model source"),
-])
+@pytest.mark.parametrize(
+    "source,extra,message",
+    [
+        ({"weights": "missing_dir"}, {}, "not found"),
+        ({"weights": "SMPDIR"}, {"bands": [1]}, "takes 3 input band(s) but the config reads 1 band(s) [1]"),
+        ({"weights": "SMPDIR"}, {"classes": ["a", "b"]}, "outputs 5 channel(s) but the config has 2"),
+        ({"weights": "SMPDIR", "arch": "FPN"}, {}, "config says arch 'FPN' but"),
+        ({"weights": "W.pt", "arch": "Unet", "encoder": "tu-resnet10t"}, {}, "do not fit the configured network"),
+        ({"weights": "W.pt"}, {}, "set 'arch'"),
+        ({"weights": "W.pt", "arch": "NoSuchNet"}, {}, "unknown arch 'NoSuchNet'"),
+        ({"torchscript": "W.pt"}, {}, "is not a TorchScript file"),
+        ({"arch": "Unet"}, {}, "needs 'weights'"),
+        ({"factory": "geoseg.train.synth:oracle_landuse", "torchscript": "W.pt"}, {}, "only one model source"),
+    ],
+)
 def test_mismatch_fails_at_start_with_clear_message(tmp_path, smp_dir, source, extra, message):
     # A state dict of another network (wrong keys): a 1x1 conv.
     torch.save(torch.nn.Conv2d(3, 5, 1).state_dict(), tmp_path / "W.pt")
@@ -104,7 +124,7 @@ def test_torchscript_with_wrong_band_count_names_the_model(tmp_path):
 
 
 def test_normalisations_use_fixed_values():
-    base = {"task": "semantic", "classes": ["a"], "bands": [1, 2], "factory": "geoseg.synth:oracle_landuse"}
+    base = {"task": "semantic", "classes": ["a"], "bands": [1, 2], "factory": "geoseg.train.synth:oracle_landuse"}
     x = torch.tensor([[[[0.0, 1000.0]], [[50.0, 9000.0]]]])  # B=1, C=2, H=1, W=2
     clip = config_from_dict({"models": {"m": {**base, "normalize": {"clip_low": [0, 100], "clip_high": [500, 1100]}}}})
     y = _normalize(x, clip.models["m"])
@@ -114,19 +134,28 @@ def test_normalisations_use_fixed_values():
     assert torch.allclose(y, torch.tensor([[[[0.0, 10.0]], [[-7.0, 1.0]]]]))  # 0 -> floor 1e-6 -> -60 dB
     with pytest.raises(ConfigError, match="clip_high must be > its clip_low"):
         config_from_dict({"models": {"m": {**base, "normalize": {"clip_low": [5, 5], "clip_high": [1, 9]}}}})
-    with pytest.raises(ConfigError, match=r"bands \[1, 2, 3\] feed 3 band\(s\) to a model whose normalize has 2 values per band"):
+    with pytest.raises(
+        ConfigError, match=r"bands \[1, 2, 3\] feed 3 band\(s\) to a model whose normalize has 2 values per band"
+    ):
         config_from_dict({"models": {"m": {**base, "bands": [1, 2, 3], "normalize": {"mean": [0, 0], "std": [1, 1]}}}})
 
 
 def test_flip_tta_averages_flipped_passes():
     model = _smp(classes=2)
-    spec = config_from_dict(_semantic({"factory": "geoseg.synth:oracle_landuse"}, classes=["a", "b"])).models["landuse"]
+    spec = config_from_dict(_semantic({"factory": "geoseg.train.synth:oracle_landuse"}, classes=["a", "b"])).models[
+        "landuse"
+    ]
     x = torch.rand(2, 3, 64, 64)
     with torch.inference_mode():
         plain = predict_probs(model, x, spec, "none")
         tta = predict_probs(model, x, spec, "flip")
-        manual = sum(torch.flip(torch.softmax(model(torch.flip(x, d)), 1), d) if d else torch.softmax(model(x), 1)
-                     for d in [(), (3,), (2,), (2, 3)]) / 4
+        manual = (
+            sum(
+                torch.flip(torch.softmax(model(torch.flip(x, d)), 1), d) if d else torch.softmax(model(x), 1)
+                for d in [(), (3,), (2,), (2, 3)]
+            )
+            / 4
+        )
     assert torch.allclose(tta, manual, atol=1e-6)
     assert torch.allclose(plain.sum(1), torch.ones(2, 64, 64))
     assert not torch.allclose(plain, tta)
@@ -137,17 +166,21 @@ def test_predictor_loads_models_once_and_honours_tta(smp_dir):
     pred = Predictor(cfg)
     spec, model, _ = pred.heads["landuse"]
     assert spec.tta == "flip" and not model.training
-    from geoseg.grid import plan_tiles
+    from geoseg.raster.grid import plan_tiles
 
     tile = next(plan_tiles(64, 64, 64, 0))
-    payload = {"tile": tile, "status": "ok", "image": np.random.default_rng(0).integers(0, 255, (3, 64, 64), np.uint8),
-               "valid": np.ones((64, 64), bool)}
+    payload = {
+        "tile": tile,
+        "status": "ok",
+        "image": np.random.default_rng(0).integers(0, 255, (3, 64, 64), np.uint8),
+        "valid": np.ones((64, 64), bool),
+    }
     out = pred([payload])[0]
     assert out["heads"]["landuse"].shape == (64, 64) and out["heads"]["landuse"].max() < 5
 
 
 def _scene(tmp_path: Path) -> Path:
-    from geoseg.synth import write_scene
+    from geoseg.train.synth import write_scene
 
     path = tmp_path / "scene.tif"
     write_scene(path, size=256, seed=5)
@@ -158,7 +191,7 @@ def test_every_source_runs_through_geoseg_run(ray_session, tmp_path, smp_dir):
     """One run, one head per source: save_pretrained dir, .safetensors, .pt, TorchScript, factory."""
     from safetensors.torch import save_file
 
-    from geoseg.pipeline import run
+    from geoseg.runner.pipeline import run
 
     state = _smp().state_dict()
     save_file(state, str(tmp_path / "w.safetensors"))
@@ -171,7 +204,7 @@ def test_every_source_runs_through_geoseg_run(ray_session, tmp_path, smp_dir):
         "safetensors": {**head, "weights": "w.safetensors", **arch},
         "statedict": {**head, "weights": "w.pt", **arch},
         "scripted": {**head, "torchscript": "w.ts"},
-        "oracle": {**head, "normalize": "none", "factory": "geoseg.synth:oracle_landuse"},
+        "oracle": {**head, "normalize": "none", "factory": "geoseg.train.synth:oracle_landuse"},
     }
     cfg_path = tmp_path / "run.yaml"
     cfg_path.write_text(yaml.safe_dump({"tiling": {"tile_size": 128, "halo": 16}, "models": models}))
@@ -190,10 +223,14 @@ def test_every_source_runs_through_geoseg_run(ray_session, tmp_path, smp_dir):
 
 def test_nodata_pixels_enter_the_network_as_zero_after_normalisation(smp_dir):
     """Raw fill values (e.g. -99999) never reach the network: masked pixels are 0 once normalised."""
-    cfg = config_from_dict({**_semantic({"weights": str(smp_dir)}, normalize={"mean": [10, 20, 30], "std": [2, 2, 2]}),
-                            "tiling": {"tile_size": 64, "halo": 0}})
+    cfg = config_from_dict(
+        {
+            **_semantic({"weights": str(smp_dir)}, normalize={"mean": [10, 20, 30], "std": [2, 2, 2]}),
+            "tiling": {"tile_size": 64, "halo": 0},
+        }
+    )
     pred = Predictor(cfg)
-    from geoseg.grid import plan_tiles
+    from geoseg.raster.grid import plan_tiles
 
     tile = next(plan_tiles(64, 64, 64, 0))
     image = np.random.default_rng(1).uniform(0, 40, (3, 64, 64)).astype(np.float32)
@@ -202,12 +239,17 @@ def test_nodata_pixels_enter_the_network_as_zero_after_normalisation(smp_dir):
     filled, fill_value = image.copy(), image.copy()
     filled[:, ~valid] = -99999.0
     fill_value[:, ~valid] = np.array([10, 20, 30], np.float32)[:, None]  # the mean: 0 once normalised
-    run = lambda img, v: pred([{"tile": tile, "status": "ok", "image": img, "valid": v}])[0]["heads"]["landuse"]
+
+    def run(img, v):
+        return pred([{"tile": tile, "status": "ok", "image": img, "valid": v}])[0]["heads"]["landuse"]
+
     np.testing.assert_array_equal(run(filled, valid), run(fill_value, np.ones_like(valid)))
 
 
-@pytest.mark.parametrize("preset, expected", [(None, ["OMP_WAIT_POLICY = 'PASSIVE'", "GOMP_SPINCOUNT = '0'"]),
-                                              ("ACTIVE", ["OMP_WAIT_POLICY = 'ACTIVE'"])])
+@pytest.mark.parametrize(
+    "preset, expected",
+    [(None, ["OMP_WAIT_POLICY = 'PASSIVE'", "GOMP_SPINCOUNT = '0'"]), ("ACTIVE", ["OMP_WAIT_POLICY = 'ACTIVE'"])],
+)
 def test_model_actor_process_waits_passively_unless_the_user_chose(preset, expected):
     """The model actor's process sets OpenMP's wait policy before torch loads it: read back from
     libgomp itself (OMP_DISPLAY_ENV), in a fresh interpreter as a Ray worker is; a policy the user
@@ -221,8 +263,10 @@ def test_model_actor_process_waits_passively_unless_the_user_chose(preset, expec
     env["OMP_DISPLAY_ENV"] = "VERBOSE"
     if preset:
         env["OMP_WAIT_POLICY"] = preset
-    code = ("from geoseg.workers import passive_openmp; passive_openmp(); import torch; "
-            "torch.ones(64, 64) @ torch.ones(64, 64)")
+    code = (
+        "from geoseg.runner.workers import passive_openmp; passive_openmp(); import torch; "
+        "torch.ones(64, 64) @ torch.ones(64, 64)"
+    )
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     for line in expected:

@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
-
-from geoseg.config import load_config
-from geoseg.discover import find_inputs, output_name
-from geoseg.pipeline import run
-from geoseg.runlog import RUN_MANIFEST, config_fingerprint, model_versions
-from geoseg.synth import write_scene
 from helpers.outputs import assert_same_scene
+
+from geoseg.core.config import load_config
+from geoseg.outputs.records import RUN_MANIFEST, config_fingerprint, model_versions
+from geoseg.raster.discover import find_inputs, output_name
+from geoseg.runner.pipeline import run
+from geoseg.train.synth import write_scene
 
 REPO = Path(__file__).resolve().parents[1]
 # input path below the folder given -> the output folder it must get
@@ -41,8 +41,7 @@ NAMES = {
 
 def _tree(root: Path) -> dict[str, tuple[int, int]]:
     """Every file under ``root``: relative path -> (size, mtime_ns)."""
-    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in root.rglob("*") if p.is_file()}
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
 
 
 def _assert_same_outputs(a: Path, b: Path, stem: str) -> None:
@@ -108,7 +107,8 @@ def test_every_name_writes_only_its_own_folder(ray_session, tmp_path, tiny_scene
     assert (out / "keep.txt").read_text() == "a user's file"
     top = {p.name for p in out.iterdir()}
     assert top == {"keep.txt", "summary.csv", RUN_MANIFEST, "runs", "collection.json", "report.html"} | {
-        n.split("/")[0] for n in NAMES.values()}
+        n.split("/")[0] for n in NAMES.values()
+    }
     assert (out / "summary.csv").is_file() and (out / RUN_MANIFEST).is_file() and (out / "runs").is_dir()
     with rasterio.open(tiny_scene.with_suffix(".truth") / "landuse.tif") as t:
         truth = t.read(1)
@@ -118,9 +118,20 @@ def test_every_name_writes_only_its_own_folder(ray_session, tmp_path, tiny_scene
         assert summary["input"] == str(root / rel) and summary["output"] == name
         leaf = name.rsplit("/", 1)[-1]
         assert sorted(p.name for p in folder.iterdir() if p.is_file()) == sorted(
-            [f"{leaf}.gpkg", f"{leaf}_landuse.tif", f"{leaf}_buildings.tif", f"{leaf}_ships.tif",
-             f"{leaf}_landuse.qml", f"{leaf}_buildings.qml", f"{leaf}_ships.qml", "manifest.json", "summary.json",
-             f"{leaf}.stac.json", f"{leaf}_quicklook.png"])
+            [
+                f"{leaf}.gpkg",
+                f"{leaf}_landuse.tif",
+                f"{leaf}_buildings.tif",
+                f"{leaf}_ships.tif",
+                f"{leaf}_landuse.qml",
+                f"{leaf}_buildings.qml",
+                f"{leaf}_ships.qml",
+                "manifest.json",
+                "summary.json",
+                f"{leaf}.stac.json",
+                f"{leaf}_quicklook.png",
+            ]
+        )
         with rasterio.open(folder / f"{leaf}_landuse.tif") as m:
             assert np.array_equal(m.read(1), truth)
     manifest = json.loads((out / RUN_MANIFEST).read_text())["inputs"]
@@ -176,7 +187,8 @@ def test_reruns_redo_only_new_or_changed_inputs(ray_session, tmp_path, fast_conf
     assert touched.ok and (touched.processed, touched.skipped) == (1, 1)
     after = _tree(out)
     assert {k: after[k] for k in scene_files if k.startswith("s1/")} == {
-        k: v for k, v in scene_files.items() if k.startswith("s1/")}
+        k: v for k, v in scene_files.items() if k.startswith("s1/")
+    }
     manifest = json.loads((out / RUN_MANIFEST).read_text())["inputs"]
     runs = {Path(k).name: v["run"] for k, v in manifest.items()}
     assert runs == {"s1.tif": first.run_id, "s2.tif": touched.run_id}
@@ -189,8 +201,13 @@ def test_reruns_redo_only_new_or_changed_inputs(ray_session, tmp_path, fast_conf
     records = sorted((out / "runs").iterdir())
     assert len(records) == 5  # every run kept its record
     counts = [json.loads(p.read_text())["inputs"] for p in records]
-    assert [(c["processed"], c["skipped"], c["failed"]) for c in counts] == [(2, 0, 0), (0, 2, 0), (1, 1, 0),
-                                                                              (2, 0, 0), (2, 0, 0)]
+    assert [(c["processed"], c["skipped"], c["failed"]) for c in counts] == [
+        (2, 0, 0),
+        (0, 2, 0),
+        (1, 1, 0),
+        (2, 0, 0),
+        (2, 0, 0),
+    ]
 
 
 def test_model_versions_follow_the_weights(tmp_path):
@@ -236,15 +253,34 @@ def test_driver_killed_mid_run_then_rerun(ray_session, tmp_path, oracle_config_p
     env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "geoseg.cli.main", "-q", "run", str(scenes), "--out", str(out), "--config",
-           str(oracle_config_path), "--tile-size", "128", "--halo", "16", "--batch-size", "2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "geoseg.cli.main",
+        "-q",
+        "run",
+        str(scenes),
+        "--out",
+        str(out),
+        "--config",
+        str(oracle_config_path),
+        "--tile-size",
+        "128",
+        "--halo",
+        "16",
+        "--batch-size",
+        "2",
+    ]
     try:
         driver = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 240
         checkpoints = out / ".k33.partial" / "tiles"
         # Scenes assemble side by side: wait for a small one published and the large one well begun.
-        while ((len(list(checkpoints.glob("*.pkl.z"))) < 12 or not list(out.glob("*/manifest.json")))
-               and driver.poll() is None and time.monotonic() < deadline):
+        while (
+            (len(list(checkpoints.glob("*.pkl.z"))) < 12 or not list(out.glob("*/manifest.json")))
+            and driver.poll() is None
+            and time.monotonic() < deadline
+        ):
             time.sleep(0.1)
         assert driver.poll() is None, "the run ended before the kill; make the last scene larger"
         driver.send_signal(signal.SIGKILL)
@@ -254,7 +290,7 @@ def test_driver_killed_mid_run_then_rerun(ray_session, tmp_path, oracle_config_p
         checkpointed = len(list(checkpoints.glob("*.pkl.z")))
         finished = {name: _tree(out / name) for name in done_before}
         killed_run = json.loads((out / next(iter(done_before)) / "summary.json").read_text())["run"]
-        assert (out / ".geoseg.lock").exists()  # left by the killed run: the rerun takes it over
+        assert (out / ".geoseg.runner.lock").exists()  # left by the killed run: the rerun takes it over
 
         rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert rerun.returncode == 0, rerun.stderr[-2000:]
@@ -295,7 +331,11 @@ def test_a_full_disk_says_so(ray_session, tmp_path, fast_config):
         error = report.failures[0][1]
         assert error.startswith(f"{scene}: ") and "disk full" in error and "\n" not in error, error
         assert "INSERT" not in error and "transaction" not in error, error
-        assert sorted(p.name for p in (disk / "out").iterdir()) == ["report.html", "run-manifest.json", "runs",
-                                                                    "summary.csv"]
+        assert sorted(p.name for p in (disk / "out").iterdir()) == [
+            "report.html",
+            "run-manifest.json",
+            "runs",
+            "summary.csv",
+        ]
     finally:
         subprocess.run(["umount", str(disk)], check=False)

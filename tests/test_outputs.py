@@ -11,9 +11,9 @@ import pyogrio
 import pytest
 import rasterio
 
-from geoseg.config import load_config
-from geoseg.pipeline import run
-from geoseg.synth import write_scene
+from geoseg.core.config import load_config
+from geoseg.runner.pipeline import run
+from geoseg.train.synth import write_scene
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +50,13 @@ def test_geopackage_layers_index_and_counts_table(outputs):
     scene, out = outputs
     gpkg = out / "small" / "small.gpkg"
     layers = dict(pyogrio.list_layers(gpkg))
-    assert layers == {"landuse": "MultiPolygon", "buildings": "MultiPolygon", "ships": "MultiPolygon", "counts": None,
-                      "layer_styles": None}  # QGIS's default styles (geoseg.styles)
+    assert layers == {
+        "landuse": "MultiPolygon",
+        "buildings": "MultiPolygon",
+        "ships": "MultiPolygon",
+        "counts": None,
+        "layer_styles": None,
+    }  # QGIS's default styles (geoseg.outputs.styles)
     with rasterio.open(scene) as src:
         crs = src.crs
     for layer in ("landuse", "buildings", "ships"):
@@ -60,12 +65,16 @@ def test_geopackage_layers_index_and_counts_table(outputs):
     fields = list(pyogrio.read_info(gpkg, layer="buildings")["fields"])
     assert fields == ["instance_id", "class", "score", "area_m2", "length_m", "width_m", "orientation_deg"]
     with sqlite3.connect(gpkg) as db:
-        rtrees = {r[0] for r in db.execute("select table_name from gpkg_extensions where extension_name = 'gpkg_rtree_index'")}
+        rtrees = {
+            r[0] for r in db.execute("select table_name from gpkg_extensions where extension_name = 'gpkg_rtree_index'")
+        }
         assert rtrees == {"landuse", "buildings", "ships"}
-        counts = {(m, c): (n, px) for m, c, n, px in db.execute('select model, class, count, pixels from counts')}
+        counts = {(m, c): (n, px) for m, c, n, px in db.execute("select model, class, count, pixels from counts")}
     summary = json.loads((out / "small" / "summary.json").read_text())
-    assert counts[("buildings", "building")] == (summary["models"]["buildings"]["classes"]["building"]["count"],
-                                                  summary["models"]["buildings"]["classes"]["building"]["pixels"])
+    assert counts[("buildings", "building")] == (
+        summary["models"]["buildings"]["classes"]["building"]["count"],
+        summary["models"]["buildings"]["classes"]["building"]["pixels"],
+    )
     # Instance attributes: ids match the raster, measures are metric and consistent.
     df = pyogrio.read_dataframe(gpkg, layer="buildings")
     assert (df.length_m >= df.width_m).all() and ((df.orientation_deg >= 0) & (df.orientation_deg < 180)).all()
@@ -83,7 +92,11 @@ def test_summaries_agree_and_count_only_valid_pixels(outputs):
     landuse = summary["models"]["landuse"]["classes"]
     assert sum(v["pixels"] for v in landuse.values()) == valid == summary["valid_pixels"]
     assert {k: summary[k] for k in ("input", "width", "height", "status")} == {
-        "input": str(scene), "width": 700, "height": 700, "status": "ok"}
+        "input": str(scene),
+        "width": 700,
+        "height": 700,
+        "status": "ok",
+    }
     rows = list(csv.DictReader(open(out / "summary.csv")))
     assert len(rows) == 5 + 1 + 1 and all(r["status"] == "ok" for r in rows)
     ships = next(r for r in rows if r["model"] == "ships")
@@ -124,8 +137,12 @@ def test_an_all_nodata_tile_inside_the_scene(ray_session, tmp_path, oracle_confi
         out = tmp_path / f"out{tile}" / "hole"
         with rasterio.open(out / "hole_landuse.tif") as ds:
             mask = ds.read(1)
-        layers = {name: sorted(shapely.to_wkb(shapely.normalize(g)) for g in gpd.read_file(out / "hole.gpkg", layer=name).geometry)
-                  for name in ("landuse", "buildings", "ships")}
+        layers = {
+            name: sorted(
+                shapely.to_wkb(shapely.normalize(g)) for g in gpd.read_file(out / "hole.gpkg", layer=name).geometry
+            )
+            for name in ("landuse", "buildings", "ships")
+        }
         results[tile] = (mask, layers, json.loads((out / "summary.json").read_text())["models"])
     assert (results[64][0][128:192, 128:192] == 255).all()
     assert (results[64][0] == results[512][0]).all()

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from geoseg import infer
-from geoseg.config import config_from_dict
-from geoseg.grid import plan_tiles
+from geoseg.core.config import config_from_dict
+from geoseg.models import infer
+from geoseg.raster.grid import plan_tiles
 
 PROBE = '''
 import torch
@@ -35,8 +35,14 @@ def probe():
 '''
 
 
-@pytest.mark.parametrize("flags, expected", [("fpu sse avx512f avx512_bf16 avx512vl", True),
-                                             ("fpu sse amx_tile amx_bf16", True), ("fpu sse avx2 avx512f", False)])
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        ("fpu sse avx512f avx512_bf16 avx512vl", True),
+        ("fpu sse amx_tile amx_bf16", True),
+        ("fpu sse avx2 avx512f", False),
+    ],
+)
 def test_native_bf16_is_read_from_the_cpu_flags(tmp_path, flags, expected):
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
@@ -59,10 +65,21 @@ def test_auto_resolves_by_device_and_cpu(monkeypatch):
 
 def _run(tmp_path: Path, precision: str, pinned: bool) -> int:
     (tmp_path / "probe.py").write_text(PROBE)
-    head = {"task": "semantic", "classes": ["fp32", "bf16"], "bands": [1, 2, 3], "factory": "probe.py:probe",
-            **({"precision": "fp32"} if pinned else {})}
-    cfg = config_from_dict({"runtime": {"precision": precision, "device": "cpu"}, "models": {"probe": head},
-                            "tiling": {"tile_size": 64, "halo": 0}}, base_dir=str(tmp_path))
+    head = {
+        "task": "semantic",
+        "classes": ["fp32", "bf16"],
+        "bands": [1, 2, 3],
+        "factory": "probe.py:probe",
+        **({"precision": "fp32"} if pinned else {}),
+    }
+    cfg = config_from_dict(
+        {
+            "runtime": {"precision": precision, "device": "cpu"},
+            "models": {"probe": head},
+            "tiling": {"tile_size": 64, "halo": 0},
+        },
+        base_dir=str(tmp_path),
+    )
     predictor = infer.Predictor(cfg)
     tile = next(plan_tiles(64, 64, 64, 0))
     payload = {"tile": tile, "status": "ok", "image": np.zeros((3, 64, 64), np.uint8), "valid": np.ones((64, 64), bool)}

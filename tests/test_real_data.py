@@ -6,7 +6,7 @@ For each input: every mask has exactly the input's CRS, transform and size; pixe
 mask, and are never counted; GeoPackage layers are in the input's CRS; areas are true ellipsoidal
 areas: for UTM each pixel's planar area over PROJ's areal scale at its centre, for EPSG:3857 and
 EPSG:4326 checked with ``pyproj.Geod``.
-The models are the context-free palette oracles of ``geoseg.synth`` (any real image gives some
+The models are the context-free palette oracles of ``geoseg.train.synth`` (any real image gives some
 classes; what is checked here is where and how the results are placed and measured).
 """
 
@@ -23,22 +23,34 @@ import shapely
 import yaml
 from pyproj import CRS, Geod, Proj, Transformer
 
-from geoseg.config import load_config
-from geoseg.pipeline import run
+from geoseg.core.config import load_config
+from geoseg.runner.pipeline import run
 
 LANDUSE = ["water", "forest", "cropland", "urban", "bare"]
 
 
-def write_config(path: Path, bands: list[int], normalize: object = "none", tile_size: int = 256, halo: int = 16) -> Path:
+def write_config(
+    path: Path, bands: list[int], normalize: object = "none", tile_size: int = 256, halo: int = 16
+) -> Path:
     """A small context-free config: a semantic and an instance head reading the same bands."""
     cfg = {
         "tiling": {"tile_size": tile_size, "halo": halo},
         "runtime": {"batch_size": 4},
         "models": {
-            "landuse": {"task": "semantic", "classes": LANDUSE, "bands": bands, "normalize": normalize,
-                        "factory": "geoseg.synth:oracle_landuse"},
-            "ships": {"task": "instance", "classes": ["ship"], "bands": bands, "normalize": normalize,
-                      "factory": "geoseg.synth:oracle_ships"},
+            "landuse": {
+                "task": "semantic",
+                "classes": LANDUSE,
+                "bands": bands,
+                "normalize": normalize,
+                "factory": "geoseg.train.synth:oracle_landuse",
+            },
+            "ships": {
+                "task": "instance",
+                "classes": ["ship"],
+                "bands": bands,
+                "normalize": normalize,
+                "factory": "geoseg.train.synth:oracle_ships",
+            },
         },
     }
     path.write_text(yaml.safe_dump(cfg))
@@ -112,7 +124,9 @@ def check_outputs(src: Path, out: Path, bands: list[int]) -> dict:
     right, bottom = src_transform * (src_shape[1], src_shape[0])
     for layer in ("landuse", "ships"):
         info = pyogrio.read_info(gpkg, layer=layer)
-        assert CRS.from_user_input(info["crs"]).equals(CRS.from_wkt(src_crs.to_wkt()), ignore_axis_order=True), info["crs"]
+        assert CRS.from_user_input(info["crs"]).equals(CRS.from_wkt(src_crs.to_wkt()), ignore_axis_order=True), info[
+            "crs"
+        ]
         if info["features"]:
             x0, y0, x1, y1 = info["total_bounds"]
             eps = abs(src_transform.a) * 1e-6
@@ -212,7 +226,7 @@ def test_spacenet_pan_uint16_single_band(ray_session, shared_data, tmp_path):
 
 def test_synthetic_epsg4326(ray_session, tmp_path):
     """A geographic grid (1e-5 degree pixels): areas from the ellipsoid, not degrees squared."""
-    from geoseg.synth import write_scene
+    from geoseg.train.synth import write_scene
 
     src = tmp_path / "geo4326.tif"
     write_scene(src, size=384, seed=5, crs="EPSG:4326", pixel_size=1e-5)
@@ -221,8 +235,10 @@ def test_synthetic_epsg4326(ray_session, tmp_path):
     assert 0 < valid.sum() < valid.size  # the synthetic nodata corner
     geodesic_area_checks(src, summary)
     # The oracle recovers the truth exactly: land use, nodata included.
-    with rasterio.open(src.with_suffix(".truth") / "landuse.tif") as t, \
-            rasterio.open(tmp_path / "out" / "geo4326" / "geo4326_landuse.tif") as m:
+    with (
+        rasterio.open(src.with_suffix(".truth") / "landuse.tif") as t,
+        rasterio.open(tmp_path / "out" / "geo4326" / "geo4326_landuse.tif") as m,
+    ):
         assert np.array_equal(t.read(1), m.read(1))
     # A 1e-5 degree pixel near 38.9 N is about 0.87 m x 1.11 m.
     total = sum(c["area_m2"] for c in summary["models"]["landuse"]["classes"].values())

@@ -21,9 +21,9 @@ from affine import Affine
 from rasterio.enums import Resampling
 from rasterio.windows import Window
 
-from geoseg.config import load_config
-from geoseg.models import check_models
-from geoseg.train_config import load_train_config
+from geoseg.core.config import load_config
+from geoseg.models.load import check_models
+from geoseg.train.config import load_train_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -76,8 +76,17 @@ def test_aerial_config_loads_both_heads():
 
 
 def _write(path: Path, data: np.ndarray, crs: str, transform: Affine) -> Path:
-    with rasterio.open(path, "w", driver="GTiff", width=data.shape[2], height=data.shape[1], count=data.shape[0],
-                       dtype=data.dtype, crs=crs, transform=transform) as ds:
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=data.shape[2],
+        height=data.shape[1],
+        count=data.shape[0],
+        dtype=data.dtype,
+        crs=crs,
+        transform=transform,
+    ) as ds:
         ds.write(data)
     return path
 
@@ -85,7 +94,7 @@ def _write(path: Path, data: np.ndarray, crs: str, transform: Affine) -> Path:
 def _crop_at(src: Path, col: int, row: int, size: int, gsd: float, out: Path) -> Path:
     """A ``size`` x ``size`` crop of a georeferenced raster at ``gsd`` m (averaged), from (col, row)."""
     with rasterio.open(src) as ds:
-        from geoseg.contract import scene_gsd_m
+        from geoseg.core.contract import scene_gsd_m
 
         factor = gsd / scene_gsd_m(ds.crs.to_wkt(), ds.transform, ds.width, ds.height)
         n = int(round(size * factor))
@@ -103,8 +112,12 @@ def _crops(shared: Path, tmp: Path) -> dict[str, Path]:
     with Image.open(shared / "dubai_landcover/tile_2/images/image_part_001.jpg") as im:
         step = gsd / 1.2
         rgb = np.asarray(im.convert("RGB").resize((int(im.width / step), int(im.height / step)), Image.BOX))
-    landuse = _write(tmp / "dubai.tif", np.ascontiguousarray(rgb[:192, :192].transpose(2, 0, 1)), "EPSG:32640",
-                     Affine(gsd, 0, 300000, 0, -gsd, 2780000))
+    landuse = _write(
+        tmp / "dubai.tif",
+        np.ascontiguousarray(rgb[:192, :192].transpose(2, 0, 1)),
+        "EPSG:32640",
+        Affine(gsd, 0, 300000, 0, -gsd, 2780000),
+    )
     # Buildings: held-out Nairobi at 0.3 m, a crop with imagery and buildings.
     buildings = _crop_at(shared / "hotosm_buildings/nairobi.tif", 1024, 6400, 256, 0.3, tmp / "nairobi.tif")
     # Ships: held-out Honolulu, the four L2A band files stacked in order.
@@ -119,13 +132,16 @@ def _crops(shared: Path, tmp: Path) -> dict[str, Path]:
 
 
 def test_each_head_runs_on_a_small_real_crop(ray_session, shared_data, tmp_path):
-    from geoseg.pipeline import run
+    from geoseg.runner.pipeline import run
 
     crops = _crops(shared_data, tmp_path)
     for head, (_, model) in HEADS.items():
         cfg = tmp_path / f"{head}.yaml"
-        cfg.write_text(yaml.safe_dump({"tiling": {"tile_size": 256, "halo": 32},
-                                       "models": {head: {"weights": str(REPO / "models" / model)}}}))
+        cfg.write_text(
+            yaml.safe_dump(
+                {"tiling": {"tile_size": 256, "halo": 32}, "models": {head: {"weights": str(REPO / "models" / model)}}}
+            )
+        )
         scene = crops[head]
         report = run([str(scene)], tmp_path / "out", load_config(cfg), progress=False)
         assert report.ok, report.failures
@@ -153,8 +169,12 @@ def _figures(m: dict) -> list[str]:
     if "iou" in m:
         return [f"mean IoU {m['mean_iou']:.3f}"] + [f"{c} {v:.3f}" for c, v in m["iou"].items() if v is not None]
     o = m["objects"]
-    return [f"{o['predicted']} predicted / {o['truth']} true", f"precision {o['precision']:.3f}",
-            f"recall {o['recall']:.3f}", f"F1 {o['f1']:.3f}"]
+    return [
+        f"{o['predicted']} predicted / {o['truth']} true",
+        f"precision {o['precision']:.3f}",
+        f"recall {o['recall']:.3f}",
+        f"F1 {o['f1']:.3f}",
+    ]
 
 
 @pytest.mark.parametrize("head", list(HEADS))
@@ -179,7 +199,7 @@ def test_colour_coded_masks_globs_and_resampling(tmp_path):
     colour-coded classes, a pixel size given by hand, resampled on reading."""
     from PIL import Image
 
-    from geoseg.train_data import load_scene
+    from geoseg.train.data import load_scene
 
     (tmp_path / "img").mkdir()
     (tmp_path / "msk").mkdir()
@@ -191,13 +211,35 @@ def test_colour_coded_masks_globs_and_resampling(tmp_path):
         mask[:4] = (0x9B, 0x9B, 0x9B)  # unlabelled: ignored
         Image.fromarray(mask).save(tmp_path / "msk" / f"p{k}.png")
     cfg_path = tmp_path / "t.yaml"
-    cfg_path.write_text(yaml.safe_dump({
-        "name": "t", "out": "m", "task": "semantic", "classes": ["building", "water"], "bands": [1, 2, 3],
-        "resample_m": 2.0,
-        "scenes": [{"image": "img/p0*.png", "labels": "msk/{stem}.png", "pixel_size_m": 1.0, "place": "a",
-                    "label_colors": {"#3C1098": "building", "#E2A929": "water"}},
-                   {"image": "img/p1*.png", "labels": "msk/{stem}.png", "pixel_size_m": 1.0, "place": "b",
-                    "label_colors": {"#3C1098": "building", "#E2A929": "water"}, "split": "holdout"}]}))
+    cfg_path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "t",
+                "out": "m",
+                "task": "semantic",
+                "classes": ["building", "water"],
+                "bands": [1, 2, 3],
+                "resample_m": 2.0,
+                "scenes": [
+                    {
+                        "image": "img/p0*.png",
+                        "labels": "msk/{stem}.png",
+                        "pixel_size_m": 1.0,
+                        "place": "a",
+                        "label_colors": {"#3C1098": "building", "#E2A929": "water"},
+                    },
+                    {
+                        "image": "img/p1*.png",
+                        "labels": "msk/{stem}.png",
+                        "pixel_size_m": 1.0,
+                        "place": "b",
+                        "label_colors": {"#3C1098": "building", "#E2A929": "water"},
+                        "split": "holdout",
+                    },
+                ],
+            }
+        )
+    )
     cfg = load_train_config(cfg_path)
     assert [Path(s.image).name for s in cfg.scenes] == ["p0.png", "p1.png"]
     scene = load_scene(cfg, cfg.scenes[1], tmp_path, 1)

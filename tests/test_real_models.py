@@ -7,6 +7,7 @@ model: polygons and instance rasters on the input's grid and CRS, ids that agree
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pyogrio
@@ -15,10 +16,8 @@ import rasterio
 import shapely
 import yaml
 
-from geoseg.config import load_config
-from geoseg.pipeline import run
-
-from pathlib import Path
+from geoseg.core.config import load_config
+from geoseg.runner.pipeline import run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,8 +31,11 @@ CASES = [
 def test_example_model_gives_georeferenced_objects(ray_session, shared_data, tmp_path, head, model, scene):
     scene = shared_data / scene
     cfg = tmp_path / "run.yaml"
-    cfg.write_text(yaml.safe_dump({"tiling": {"tile_size": 256, "halo": 32},
-                                   "models": {head: {"weights": str(REPO / "models" / model)}}}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {"tiling": {"tile_size": 256, "halo": 32}, "models": {head: {"weights": str(REPO / "models" / model)}}}
+        )
+    )
     report = run([str(scene)], tmp_path / "out", load_config(cfg), progress=False)
     assert report.ok, report.failures
     out = tmp_path / "out" / scene.stem

@@ -25,11 +25,11 @@ import pytest
 import rasterio
 from PIL import Image
 
-from geoseg.config import load_config
-from geoseg.pipeline import run
-from geoseg.quicklook import INSTANCE_FILL_ALPHA, LANDUSE_ALPHA, Overlay, legend, outlines, render
-from geoseg.synth import LANDUSE_CLASSES, LANDUSE_COLORS, write_scene
-from geoseg.writer import WRITER_GDAL_CACHE_MB  # the scene writers make the quicklooks under this cache
+from geoseg.core.config import load_config
+from geoseg.outputs.quicklook import INSTANCE_FILL_ALPHA, LANDUSE_ALPHA, Overlay, legend, outlines, render
+from geoseg.runner.pipeline import run
+from geoseg.runner.writer import WRITER_GDAL_CACHE_MB  # the scene writers make the quicklooks under this cache
+from geoseg.train.synth import LANDUSE_CLASSES, LANDUSE_COLORS, write_scene
 
 REPO = Path(__file__).resolve().parents[1]
 SCENES = {"alpha": 1, "beta & gamma": 2, "delta": 3}  # stem -> seed; '&' and ' ' test escaping and URLs
@@ -114,7 +114,7 @@ def _rgba(path: Path) -> np.ndarray:
 
 
 def _colors(hexes: list[str]) -> np.ndarray:
-    return np.array([[int(h[i:i + 2], 16) for i in (1, 3, 5)] for h in hexes], dtype=np.float64)
+    return np.array([[int(h[i : i + 2], 16) for i in (1, 3, 5)] for h in hexes], dtype=np.float64)
 
 
 # -- quicklooks
@@ -138,7 +138,7 @@ def test_quicklook_is_the_masks_over_the_image(report_run):
     stretched image, object outlines in their model's colour, the image's nodata transparent."""
     _, inputs, out, config = report_run
     stem = "alpha"
-    colors = legend(config)  # the QGIS styles' colours: the config's, else geoseg.styles' palette
+    colors = legend(config)  # the QGIS styles' colours: the config's, else geoseg.outputs.styles' palette
     assert [colors["landuse"][c] for c in LANDUSE_CLASSES] == LANDUSE_COLORS
     assert len({colors["buildings"]["building"], colors["ships"]["ship"]}) == 2
     scene = inputs / f"{stem}.tif"
@@ -178,8 +178,11 @@ def test_decimated_quicklook_keeps_class_proportions(report_run):
     _, inputs, out, _ = report_run
     stem = "delta"
     scene = inputs / f"{stem}.tif"
-    small = render(str(scene), [Overlay(str(out / stem / f"{stem}_landuse.tif"), "semantic", tuple(LANDUSE_COLORS))],
-                   size=SIZE // 4).astype(np.float64)
+    small = render(
+        str(scene),
+        [Overlay(str(out / stem / f"{stem}_landuse.tif"), "semantic", tuple(LANDUSE_COLORS))],
+        size=SIZE // 4,
+    ).astype(np.float64)
     image = render(str(scene), [], size=SIZE // 4).astype(np.float64)
     assert small.shape == (SIZE // 4, SIZE // 4, 4)
     shown = small[..., 3] > 0
@@ -190,8 +193,11 @@ def test_decimated_quicklook_keeps_class_proportions(report_run):
         truth = t.read(1)
     truth = truth[truth != 255]
     for k in range(len(LANDUSE_CLASSES)):
-        assert abs((cls == k).mean() - (truth == k).mean()) < 0.03, (LANDUSE_CLASSES[k], (cls == k).mean(),
-                                                                     (truth == k).mean())
+        assert abs((cls == k).mean() - (truth == k).mean()) < 0.03, (
+            LANDUSE_CLASSES[k],
+            (cls == k).mean(),
+            (truth == k).mean(),
+        )
 
 
 # -- the report page
@@ -212,8 +218,9 @@ def test_report_lists_scenes_chart_failures_and_throughput(report_run):
     assert row[0] == str(inputs / BAD) and "not a readable raster" in row[1] and row[1].startswith(str(inputs / BAD))
     assert "&lt;1&gt;" in text and "<1>" not in text  # the input's name, escaped
     assert page.svgs == 3  # one chart per model
-    n_bars = sum(1 for s in report.summaries for m in s["models"].values()
-                 for v in m["classes"].values() if v["area_m2"] > 0)
+    n_bars = sum(
+        1 for s in report.summaries for m in s["models"].values() for v in m["classes"].values() if v["area_m2"] > 0
+    )
     assert page.bars == n_bars
     for s in report.summaries:  # every class area of every scene, in hectares
         for v in s["models"]["landuse"]["classes"].values():
@@ -223,17 +230,32 @@ def test_report_lists_scenes_chart_failures_and_throughput(report_run):
 
 
 def test_no_scene_takes_the_report_name():
-    from geoseg.discover import output_name
+    from geoseg.raster.discover import output_name
 
     assert output_name("report.html.tif") == "report.html_" and output_name("a/report.html.tif") == "a/report.html"
 
 
 def _chromium(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     profile = cwd / "chromium-profile"
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
-           "--no-first-run", "--no-default-browser-check", "--disable-background-networking",
-           "--disable-component-update", "--disable-sync", "--disable-extensions", "--mute-audio",
-           "--hide-scrollbars", "--force-device-scale-factor=1", f"--user-data-dir={profile}", *args]
+    cmd = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-quic",
+        "--no-first-run",
+        "--no-default-browser-check",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-extensions",
+        "--mute-audio",
+        "--hide-scrollbars",
+        "--force-device-scale-factor=1",
+        f"--user-data-dir={profile}",
+        *args,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=90, cwd=cwd)
 
 
@@ -254,8 +276,7 @@ def test_report_renders_in_headless_chromium(report_run, tmp_path):
     assert [r for r in page.failed if r and r[0] == str(inputs / BAD) and "not a readable raster" in r[1]]
 
     shot = tmp_path / "shot.png"
-    res = _chromium("--window-size=1600,3000", "--virtual-time-budget=5000", f"--screenshot={shot}", url,
-                    cwd=tmp_path)
+    res = _chromium("--window-size=1600,3000", "--virtual-time-budget=5000", f"--screenshot={shot}", url, cwd=tmp_path)
     assert res.returncode == 0 and shot.is_file(), res.stderr[-2000:]
     screen = _rgba(shot)[..., :3]
 
@@ -291,7 +312,7 @@ def test_rerun_report_shows_skipped_and_earlier_scenes(report_run):
 # The child's own peak (VmHWM: its memory since exec; ru_maxrss would count the forked parent's).
 _PEAK = textwrap.dedent("""
     import sys
-    from geoseg.quicklook import Overlay, write_quicklook
+    from geoseg.outputs.quicklook import Overlay, write_quicklook
     image, out = sys.argv[1], sys.argv[2]
     write_quicklook(out, image, [Overlay(image, "semantic")])  # the tile as image and as land use
     status = open("/proc/self/status").read()
@@ -300,8 +321,13 @@ _PEAK = textwrap.dedent("""
 
 
 def _peak_rss(image: Path, out: Path) -> int:
-    res = subprocess.run([sys.executable, "-c", _PEAK, str(image), str(out)], capture_output=True, text=True,
-                         timeout=180, env={**os.environ, "GDAL_CACHEMAX": str(WRITER_GDAL_CACHE_MB)})
+    res = subprocess.run(
+        [sys.executable, "-c", _PEAK, str(image), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "GDAL_CACHEMAX": str(WRITER_GDAL_CACHE_MB)},
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     return int(res.stdout.split()[-1])
 
@@ -339,7 +365,9 @@ def test_worldcover_quicklook_memory_is_flat(shared_data, tmp_path):
     assert len(np.unique(ql[ql[..., 3] > 0][:, :3], axis=0)) >= 5
     from_raw = _rgba(tmp_path / "raw.png")
     assert abs((from_raw[..., 3] == 0).mean() - nodata_share) < 0.01
-    print(f"peak RSS: crop {base / 2**20:.0f} MB, tile {big / 2**20:.0f} MB, tile without overviews {raw / 2**20:.0f} MB")
+    print(
+        f"peak RSS: crop {base / 2**20:.0f} MB, tile {big / 2**20:.0f} MB, tile without overviews {raw / 2**20:.0f} MB"
+    )
     for peak in (big, raw):
         assert peak < 400 * 1024**2, (peak, base)  # the pixels alone would be 1296 MB
         assert peak < 1.5 * base, (peak, base)

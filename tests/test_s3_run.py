@@ -10,9 +10,9 @@ import boto3
 import numpy as np
 import rasterio
 
-from geoseg.config import load_config
-from geoseg.pipeline import run
-from geoseg.storage import MANIFEST
+from geoseg.core.config import load_config
+from geoseg.core.storage import MANIFEST
+from geoseg.runner.pipeline import run
 
 
 def test_s3_in_and_out_equals_local_run(ray_session, s3_server, s3_bucket, synth_scene, oracle_config_path, tmp_path):
@@ -28,11 +28,27 @@ def test_s3_in_and_out_equals_local_run(ray_session, s3_server, s3_bucket, synth
     assert bad == f"s3://{s3_bucket}/in/broken.TIF" and bad in error and "\n" not in error
 
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket, Prefix="out/")["Contents"]}
-    names = ["scene.gpkg", "scene_landuse.tif", "scene_buildings.tif", "scene_ships.tif", "summary.json", MANIFEST,
-             "scene_landuse.qml", "scene_buildings.qml", "scene_ships.qml", "scene.stac.json", "scene_quicklook.png"]
+    names = [
+        "scene.gpkg",
+        "scene_landuse.tif",
+        "scene_buildings.tif",
+        "scene_ships.tif",
+        "summary.json",
+        MANIFEST,
+        "scene_landuse.qml",
+        "scene_buildings.qml",
+        "scene_ships.qml",
+        "scene.stac.json",
+        "scene_quicklook.png",
+    ]
     run_record = f"out/runs/{report.run_id}.json"
-    assert keys == {f"out/scene/{n}" for n in names} | {"out/summary.csv", "out/run-manifest.json", run_record,
-                                                            "out/collection.json", "out/report.html"}
+    assert keys == {f"out/scene/{n}" for n in names} | {
+        "out/summary.csv",
+        "out/run-manifest.json",
+        run_record,
+        "out/collection.json",
+        "out/report.html",
+    }
     manifest = json.loads(s3.get_object(Bucket=s3_bucket, Key=f"out/scene/{MANIFEST}")["Body"].read())
     assert set(manifest["files"]) == set(names) - {MANIFEST}
     for name, entry in manifest["files"].items():
@@ -43,15 +59,18 @@ def test_s3_in_and_out_equals_local_run(ray_session, s3_server, s3_bucket, synth
     again = run([f"s3://{s3_bucket}/in/"], f"s3://{s3_bucket}/out", config, progress=False)
     assert (again.processed, again.skipped, len(again.failures)) == (0, 1, 1)
     entry = json.loads(s3.get_object(Bucket=s3_bucket, Key="out/run-manifest.json")["Body"].read())["inputs"][
-        f"s3://{s3_bucket}/in/scene.tif"]
+        f"s3://{s3_bucket}/in/scene.tif"
+    ]
     assert entry["run"] == report.run_id and entry["fingerprint"]["etag"]
 
     local = run([str(synth_scene)], tmp_path / "local", config, progress=False)
     assert local.ok, local.failures
     assert report.summaries[0]["models"] == local.summaries[0]["models"]
     for head in ("landuse", "buildings", "ships"):
-        with rasterio.open(f"/vsis3/{s3_bucket}/out/scene/scene_{head}.tif") as remote, \
-                rasterio.open(tmp_path / "local" / "scene" / f"scene_{head}.tif") as here:
+        with (
+            rasterio.open(f"/vsis3/{s3_bucket}/out/scene/scene_{head}.tif") as remote,
+            rasterio.open(tmp_path / "local" / "scene" / f"scene_{head}.tif") as here,
+        ):
             assert remote.crs == here.crs and remote.transform == here.transform
             a, b = remote.read(1), here.read(1)
             if head == "landuse":

@@ -23,12 +23,12 @@ from pystac.validation.local_validator import get_local_schema_cache
 from rasterio.warp import transform_bounds
 from referencing import Registry, Resource
 
-from geoseg.config import load_config
-from geoseg.styles import class_colors
-from geoseg.pipeline import run
-from geoseg.read import inspect_scene
-from geoseg.stac import COLLECTION_FILE, collection_id, item_id, scene_item
-from geoseg.synth import write_scene
+from geoseg.core.config import load_config
+from geoseg.outputs.stac import COLLECTION_FILE, collection_id, item_id, scene_item
+from geoseg.outputs.styles import class_colors
+from geoseg.raster.read import inspect_scene
+from geoseg.runner.pipeline import run
+from geoseg.train.synth import write_scene
 
 SCENES = {"top": "top.tif", "sub/deep": "sub/deep.tif"}  # output folder -> input below in/
 KNOWN = (".tif", ".gpkg", ".parquet", ".png", ".qml", ".json")  # file kinds the Item lists
@@ -77,13 +77,15 @@ def _check_outputs(out: Path, config, folders: set[str]) -> None:
         assert raw["collection"] == collection.id
         up = "/".join([".."] * (folder.count("/") + 1))
         assert {(link["rel"], link["href"]) for link in raw["links"]} == {
-            (rel, f"{up}/{COLLECTION_FILE}") for rel in ("collection", "parent", "root")}
+            (rel, f"{up}/{COLLECTION_FILE}") for rel in ("collection", "parent", "root")
+        }
         # Every asset is a file of the folder, by a relative href; every file of a known kind is an asset.
         hrefs = {a.href for a in item.assets.values()}
         assert all(h.startswith("./") and "/" not in h[2:] for h in raw_hrefs(raw))
         files = {p.name for p in (out / folder).iterdir() if p.is_file() and p.name.endswith(KNOWN)}
         assert {Path(a.get_absolute_href()).resolve() for a in item.assets.values()} == {
-            (out / folder / n).resolve() for n in files - {"manifest.json", path.name}}, hrefs
+            (out / folder / n).resolve() for n in files - {"manifest.json", path.name}
+        }, hrefs
         assert {"landuse", "buildings", "ships", "polygons", "summary"} <= set(item.assets)
         assert item.assets["polygons"].media_type == "application/geopackage+sqlite3"
         # Masks: COG, class values, names and colours (semantic), nodata and data type.
@@ -97,8 +99,10 @@ def _check_outputs(out: Path, config, folders: set[str]) -> None:
             if spec.task == "semantic":
                 classes = ClassificationExtension.ext(asset).classes
                 got = [(c.value, c.name, c.color_hint) for c in classes if not c.nodata]
-                want = [(i, name, color.lstrip("#").upper())
-                        for i, (name, color) in enumerate(zip(spec.classes, class_colors(spec)))]
+                want = [
+                    (i, name, color.lstrip("#").upper())
+                    for i, (name, color) in enumerate(zip(spec.classes, class_colors(spec)))
+                ]
                 assert got == want
                 assert [(c.value, c.nodata) for c in classes if c.nodata] == [(255, True)]
             else:
@@ -123,8 +127,12 @@ def _check_outputs(out: Path, config, folders: set[str]) -> None:
     assert len({frozenset(item.assets) for item in items.values()}) == 1  # asset keys do not depend on the scene
     # The Collection: extent of all its Items; class names and colours in its item_assets.
     [extent] = collection.extent.spatial.bboxes
-    assert extent == [min(b[0] for b in bboxes), min(b[1] for b in bboxes), max(b[2] for b in bboxes),
-                      max(b[3] for b in bboxes)]
+    assert extent == [
+        min(b[0] for b in bboxes),
+        min(b[1] for b in bboxes),
+        max(b[2] for b in bboxes),
+        max(b[3] for b in bboxes),
+    ]
     [[start, end]] = collection.extent.temporal.intervals
     assert start == min(i.datetime for i in items.values()) and end == max(i.datetime for i in items.values())
     landuse = collection.item_assets["landuse"]
@@ -168,8 +176,17 @@ def test_item_of_a_grid_without_epsg_code_and_with_acquisition_time(tmp_path, co
     ids and links of nested folders; a grid across the antimeridian keeps west > east."""
     crs = "+proj=aea +lat_1=29.5 +lat_2=45.5 +lat_0=37.5 +lon_0=-96 +datum=WGS84 +units=m"
     path = tmp_path / "x.tif"
-    with rasterio.open(path, "w", driver="GTiff", width=40, height=30, count=1, dtype="uint8", crs=crs,
-                       transform=Affine(30.0, 0, -200000.0, 0, -30.0, 100000.0)) as ds:
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=40,
+        height=30,
+        count=1,
+        dtype="uint8",
+        crs=crs,
+        transform=Affine(30.0, 0, -200000.0, 0, -30.0, 100000.0),
+    ) as ds:
         ds.update_tags(ACQUISITIONDATETIME="2021-06-01 10:32:15")
     info = inspect_scene(str(path), "a/b/x")
     folder = tmp_path / "staging"
@@ -191,8 +208,17 @@ def test_item_of_a_grid_without_epsg_code_and_with_acquisition_time(tmp_path, co
     west, south, east, north = transform_bounds(crs, "EPSG:4326", -200000.0, 99100.0, -198800.0, 100000.0)
     assert item.bbox[0] <= west and item.bbox[2] >= east and item.bbox[1] <= south and item.bbox[3] >= north
     # Across the antimeridian (a UTM zone 1 grid reaching into zone 60).
-    with rasterio.open(tmp_path / "am.tif", "w", driver="GTiff", width=100, height=100, count=1, dtype="uint8",
-                       crs="EPSG:32601", transform=Affine(2000.0, 0, 300000.0, 0, -2000.0, 7000000.0)):
+    with rasterio.open(
+        tmp_path / "am.tif",
+        "w",
+        driver="GTiff",
+        width=100,
+        height=100,
+        count=1,
+        dtype="uint8",
+        crs="EPSG:32601",
+        transform=Affine(2000.0, 0, 300000.0, 0, -2000.0, 7000000.0),
+    ):
         pass
     am = scene_item(folder, inspect_scene(str(tmp_path / "am.tif")), config, "out")
     assert am.bbox[0] > am.bbox[2] and am.geometry["type"] == "MultiPolygon"
@@ -203,17 +229,30 @@ def test_item_of_a_grid_without_epsg_code_and_with_acquisition_time(tmp_path, co
 def test_collection_leaves_out_scenes_without_a_usable_item(tmp_path, config):
     """A scene without an Item (published by an older geoseg) or with a broken one is left out; with
     no Item at all no collection.json is written."""
-    from geoseg.stac import write_collection
-    from geoseg.storage import OutputStore
+    from geoseg.core.storage import OutputStore
+    from geoseg.outputs.stac import write_collection
 
     out = tmp_path / "out"
     store = OutputStore(out)
-    manifest = {"/in/a.tif": {"status": "ok", "output": "a"}, "/in/old.tif": {"status": "ok", "output": "old"},
-                "/in/b.tif": {"status": "failed", "output": "b"}, "/in/c.tif": {"status": "failed"}}
+    manifest = {
+        "/in/a.tif": {"status": "ok", "output": "a"},
+        "/in/old.tif": {"status": "ok", "output": "old"},
+        "/in/b.tif": {"status": "failed", "output": "b"},
+        "/in/c.tif": {"status": "failed"},
+    }
     assert not write_collection(store, manifest) and not (out / COLLECTION_FILE).exists()
     path = tmp_path / "a.tif"
-    with rasterio.open(path, "w", driver="GTiff", width=10, height=10, count=1, dtype="uint8", crs="EPSG:32618",
-                       transform=Affine(10.0, 0, 500000.0, 0, -10.0, 4300000.0)):
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=10,
+        height=10,
+        count=1,
+        dtype="uint8",
+        crs="EPSG:32618",
+        transform=Affine(10.0, 0, 500000.0, 0, -10.0, 4300000.0),
+    ):
         pass
     for name, text in (("a", None), ("old", ""), ("b", '{"type": "Feature", "bbox": [0, 0]}')):
         (out / name).mkdir(parents=True)

@@ -14,26 +14,47 @@ import rasterio
 import rasterio.warp
 from rasterio.enums import Resampling
 
-from geoseg.config import config_from_dict, load_config
-from geoseg.pipeline import run
-from geoseg.stac_input import item_vrt, load_item
+from geoseg.core.config import config_from_dict, load_config
+from geoseg.raster.stac_input import item_vrt, load_item
+from geoseg.runner.pipeline import run
 
 REPO = Path(__file__).resolve().parents[1]
 CLOUDS = REPO / "configs" / "sentinel2-clouds.yaml"
 COMMON = {"B02": "blue", "B03": "green", "B04": "red", "B08": "nir", "B11": "swir16"}
 
 
-def _item(folder: Path, item_id: str, files: dict[str, Path], scale: float = 0.0001, offset: float = 0.0) -> pystac.Item:
+def _item(
+    folder: Path, item_id: str, files: dict[str, Path], scale: float = 0.0001, offset: float = 0.0
+) -> pystac.Item:
     """An Item with one asset per band file: STAC 1.0 eo:bands (name, common name) and raster:bands."""
     with rasterio.open(next(iter(files.values()))) as ds:
         bounds = rasterio.warp.transform_bounds(ds.crs, "EPSG:4326", *ds.bounds)
-    geometry = {"type": "Polygon", "coordinates": [[[bounds[0], bounds[1]], [bounds[2], bounds[1]], [bounds[2], bounds[3]],
-                                                    [bounds[0], bounds[3]], [bounds[0], bounds[1]]]]}
+    geometry = {
+        "type": "Polygon",
+        "coordinates": [
+            [
+                [bounds[0], bounds[1]],
+                [bounds[2], bounds[1]],
+                [bounds[2], bounds[3]],
+                [bounds[0], bounds[3]],
+                [bounds[0], bounds[1]],
+            ]
+        ],
+    }
     item = pystac.Item(item_id, geometry, list(bounds), datetime(2023, 7, 30, 10, 56, tzinfo=timezone.utc), {})
     for band, path in files.items():
-        item.add_asset(band, pystac.Asset(str(path), media_type=pystac.MediaType.GEOTIFF, roles=["data"], extra_fields={
-            "eo:bands": [{"name": band, "common_name": COMMON[band]}],
-            "raster:bands": [{"scale": scale, "offset": offset, "data_type": "uint16"}]}))
+        item.add_asset(
+            band,
+            pystac.Asset(
+                str(path),
+                media_type=pystac.MediaType.GEOTIFF,
+                roles=["data"],
+                extra_fields={
+                    "eo:bands": [{"name": band, "common_name": COMMON[band]}],
+                    "raster:bands": [{"scale": scale, "offset": offset, "data_type": "uint16"}],
+                },
+            ),
+        )
     item.set_self_href(str(folder / f"{item_id}.json"))
     return item
 
@@ -61,8 +82,10 @@ def test_item_runs_like_the_bands_stacked_by_hand(ray_session, cartagena, tmp_pa
     by_hand = run([str(cartagena["stack"])], tmp_path / "hand", config, progress=False)
     from_item = run([item.get_self_href()], tmp_path / "item", config, progress=False)
     assert by_hand.ok and from_item.ok, (by_hand.failures, from_item.failures)
-    with rasterio.open(tmp_path / "hand" / "stacked" / "stacked_clouds.tif") as a, \
-            rasterio.open(tmp_path / "item" / "S2A_cartagena_20230730" / "S2A_cartagena_20230730_clouds.tif") as b:
+    with (
+        rasterio.open(tmp_path / "hand" / "stacked" / "stacked_clouds.tif") as a,
+        rasterio.open(tmp_path / "item" / "S2A_cartagena_20230730" / "S2A_cartagena_20230730_clouds.tif") as b,
+    ):
         assert (a.transform, a.crs, a.shape) == (b.transform, b.crs, b.shape)
         share = float(np.mean(a.read(1) == b.read(1)))
     print(f"Item vs stacked by hand: {share:.4%} of pixels equal")
@@ -74,7 +97,11 @@ def test_item_runs_like_the_bands_stacked_by_hand(ray_session, cartagena, tmp_pa
     # Lineage: a link to the input Item, its platform and constellation; its own cloud cover kept apart
     # from the one geoseg measured.
     assert [link["href"] for link in stac_out["links"] if link["rel"] == "derived_from"] == [item.get_self_href()]
-    assert (props["platform"], props["constellation"], props["geoseg:input_cloud_cover"]) == ("sentinel-2a", "sentinel-2", 12.5)
+    assert (props["platform"], props["constellation"], props["geoseg:input_cloud_cover"]) == (
+        "sentinel-2a",
+        "sentinel-2",
+        12.5,
+    )
     measured = json.loads((out / "summary.json").read_text())["cloud_cover"]
     assert props["eo:cloud_cover"] == pytest.approx(measured) and measured != 12.5
 
@@ -85,17 +112,23 @@ def test_a_coarser_band_is_resampled_onto_the_finest_grid(cartagena, tmp_path):
     with rasterio.open(cartagena["B11"]) as ds:
         profile, full = ds.profile, ds.read(1)
         h, w = ds.height // 2, ds.width // 2
-        coarse = ds.read(1, out_shape=(h, w), resampling=Resampling.average,
-                         window=rasterio.windows.Window(0, 0, w * 2, h * 2))
+        coarse = ds.read(
+            1, out_shape=(h, w), resampling=Resampling.average, window=rasterio.windows.Window(0, 0, w * 2, h * 2)
+        )
         profile.update(width=w, height=h, transform=ds.transform * ds.transform.scale(2, 2))
     b11_20m = tmp_path / "B11_20m.tif"
     with rasterio.open(b11_20m, "w", **profile) as out:
         out.write(coarse, 1)
     files = {b: cartagena[b] for b in ("B02", "B03", "B04")} | {"B11": b11_20m}
     item = _item(tmp_path, "mixed", files, offset=-0.1)
-    head = {"task": "semantic", "classes": ["a", "b"], "bands": [1, 2, 3, 4], "factory": "x.py:y",
-            "normalize": {"mean": [0, 0, 0, 0], "std": [1, 1, 1, 1], "scale": 0.0001},
-            "input": {"names": ["blue", "green", "red", "swir16"]}}
+    head = {
+        "task": "semantic",
+        "classes": ["a", "b"],
+        "bands": [1, 2, 3, 4],
+        "factory": "x.py:y",
+        "normalize": {"mean": [0, 0, 0, 0], "std": [1, 1, 1, 1], "scale": 0.0001},
+        "input": {"names": ["blue", "green", "red", "swir16"]},
+    }
     config = config_from_dict({"models": {"m": head}})
     vrt, scale_offsets = item_vrt("mixed.json", item, config)
     assert scale_offsets == {"m": (0.0001, -0.1)}
@@ -110,15 +143,18 @@ def test_a_coarser_band_is_resampled_onto_the_finest_grid(cartagena, tmp_path):
 
 def test_item_without_a_band_fails_with_its_name_and_the_bands_it_has(ray_session, cartagena, tmp_path):
     files = {b: cartagena[b] for b in ("B02", "B03", "B04")}
-    collection = pystac.ItemCollection([_item(tmp_path, "no_nir", files),
-                                        _item(tmp_path, "all_four", files | {"B08": cartagena["B08"]})])
+    collection = pystac.ItemCollection(
+        [_item(tmp_path, "no_nir", files), _item(tmp_path, "all_four", files | {"B08": cartagena["B08"]})]
+    )
     path = tmp_path / "items.json"
     collection.save_object(str(path))
     report = run([str(path)], tmp_path / "out", load_config(CLOUDS), progress=False)
     assert [p for p, _ in report.failures] == [f"{path}#no_nir"]
     error = report.failures[0][1]
-    assert error == (f"{path}#no_nir: Item no_nir has no band 'nir' (its bands: blue, green, red); map the models' "
-                     "bands to its assets or use another Item")
+    assert error == (
+        f"{path}#no_nir: Item no_nir has no band 'nir' (its bands: blue, green, red); map the models' "
+        "bands to its assets or use another Item"
+    )
     assert [s["output"] for s in report.summaries] == ["all_four"]
     assert load_item(f"{path}#all_four").id == "all_four"
 
@@ -128,8 +164,12 @@ def test_item_whose_file_is_missing_names_the_href(ray_session, cartagena, tmp_p
     item = _item(tmp_path, "broken", files)
     item.save_object(include_self_link=True)
     report = run([item.get_self_href()], tmp_path / "out", load_config(CLOUDS), progress=False)
-    (path, error), = report.failures
-    assert path == item.get_self_href() and "band 'nir': cannot read" in error and str(tmp_path / "gone" / "B08.tif") in error
+    ((path, error),) = report.failures
+    assert (
+        path == item.get_self_href()
+        and "band 'nir': cannot read" in error
+        and str(tmp_path / "gone" / "B08.tif") in error
+    )
     assert "\n" not in error and not (tmp_path / "out" / "broken").exists()
 
 
@@ -142,7 +182,9 @@ def test_sentinel2_config_runs_ships_and_clouds_on_an_item(ray_session, shared_d
     files = dict(zip(("B02", "B03", "B04", "B08"), band_files(shared_data, "honolulu")))
     item = _item(tmp_path, "honolulu", files)
     item.save_object(include_self_link=True)
-    report = run([item.get_self_href()], tmp_path / "out", load_config(REPO / "configs" / "sentinel2.yaml"), progress=False)
+    report = run(
+        [item.get_self_href()], tmp_path / "out", load_config(REPO / "configs" / "sentinel2.yaml"), progress=False
+    )
     assert report.ok, report.failures
     out = tmp_path / "out" / "honolulu"
     summary = json.loads((out / "summary.json").read_text())

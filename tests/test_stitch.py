@@ -10,12 +10,12 @@ import pytest
 import shapely
 from scipy import ndimage
 
-from geoseg.config import config_from_dict
-from geoseg.decode import CONNECTIVITY_8, label_regions
-from geoseg.grid import plan_tiles, tile_grid_shape
-from geoseg.postprocess import postprocess_tile
-from geoseg.stitch import HeadStitcher
-from geoseg.vectorize import label_polygons, merge_parts
+from geoseg.core.config import config_from_dict
+from geoseg.models.decode import CONNECTIVITY_8, label_regions
+from geoseg.models.postprocess import postprocess_tile
+from geoseg.outputs.stitch import HeadStitcher
+from geoseg.raster.grid import plan_tiles, tile_grid_shape
+from geoseg.raster.vectorize import label_polygons, merge_parts
 
 HEAD = {"task": "instance", "classes": ["thing"], "bands": [1], "factory": "x:y"}
 
@@ -33,8 +33,9 @@ def _blobs(size: int, seed: int) -> np.ndarray:
     return mask
 
 
-def _stitch(image: np.ndarray, valid: np.ndarray, tile: int, halo: int, row_major: bool = False, probe=None,
-            **head) -> tuple[list, np.ndarray]:
+def _stitch(
+    image: np.ndarray, valid: np.ndarray, tile: int, halo: int, row_major: bool = False, probe=None, **head
+) -> tuple[list, np.ndarray]:
     config = _config(tile, halo, **head)
     size = image.shape[-1]
     grid = tile_grid_shape(size, size, tile)
@@ -52,7 +53,10 @@ def _stitch(image: np.ndarray, valid: np.ndarray, tile: int, halo: int, row_majo
     order = range(len(tiles)) if row_major else np.random.default_rng(0).permutation(len(tiles))  # any order
     for t in order:
         t = tiles[t]
-        rsl = (slice(t.read.row_off, t.read.row_off + t.read.height), slice(t.read.col_off, t.read.col_off + t.read.width))
+        rsl = (
+            slice(t.read.row_off, t.read.row_off + t.read.height),
+            slice(t.read.col_off, t.read.col_off + t.read.width),
+        )
         if instance:
             out = image[(slice(None),) + rsl]
         else:
@@ -61,7 +65,10 @@ def _stitch(image: np.ndarray, valid: np.ndarray, tile: int, halo: int, row_majo
         pred = {"tile": t, "status": "ok", "valid": valid[rsl], "heads": {"h": out}}
         res = postprocess_tile(pred, config, np.ones(t.core.height), grid).heads["h"]
         base = stitcher.add(t.row, t.col, res)
-        core = (slice(t.core.row_off, t.core.row_off + t.core.height), slice(t.core.col_off, t.core.col_off + t.core.width))
+        core = (
+            slice(t.core.row_off, t.core.row_off + t.core.height),
+            slice(t.core.col_off, t.core.col_off + t.core.width),
+        )
         raster[core] = np.where(res.raster > 0, res.raster + base, 0) if instance else 0
         if probe:
             probe(stitcher)
@@ -100,8 +107,10 @@ def test_semantic_regions_equal_one_pass(tile, halo):
     objects, _ = _stitch(classes, valid, tile, halo, task="semantic", classes=list("abcd"))
     labels, label_class = label_regions(classes, valid, 4)
     ids, parts = label_polygons(labels, 0, 0)
-    truth = {(int(label_class[k]), shapely.to_wkb(shapely.normalize(merge_parts([p for i, p in zip(ids, parts) if i == k]))))
-             for k in range(1, labels.max() + 1)}
+    truth = {
+        (int(label_class[k]), shapely.to_wkb(shapely.normalize(merge_parts([p for i, p in zip(ids, parts) if i == k]))))
+        for k in range(1, labels.max() + 1)
+    }
     got = {(o[0], shapely.to_wkb(shapely.normalize(o[3]))) for o in objects}
     assert got == truth
 
@@ -127,7 +136,7 @@ def test_watershed_keeps_touching_objects_apart_across_a_seam(tile, halo):
 def test_watershed_with_zero_halo_merges_at_the_seam_as_documented():
     probs = _touching_pair(128, seam=32)
     objects = _stitch(probs, np.ones((128, 128), bool), 32, 0, channels=["body", "border", "contact"])[0]
-    assert len(objects) == 1  # no tile saw across the seam: adjacency decides (see geoseg.stitch)
+    assert len(objects) == 1  # no tile saw across the seam: adjacency decides (see geoseg.outputs.stitch)
 
 
 def test_seam_objects_are_released_as_their_tiles_arrive():
@@ -136,7 +145,14 @@ def test_seam_objects_are_released_as_their_tiles_arrive():
     valid = np.ones(mask.shape[1:], bool)
     held = {True: [], False: []}
     for row_major in held:
-        objects, _ = _stitch(mask, valid, 32, 4, row_major=row_major, probe=lambda st: held[row_major].append(len(st.groups)))
+        objects, _ = _stitch(
+            mask,
+            valid,
+            32,
+            4,
+            row_major=row_major,
+            probe=lambda st, row_major=row_major: held[row_major].append(len(st.groups)),
+        )
         assert len(objects) == ndimage.label(mask[0] > 0, structure=CONNECTIVITY_8)[1]
         assert held[row_major][-1] == 0
     # Random arrival keeps nearly every seam object open at some point; row-major keeps a front.

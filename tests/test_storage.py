@@ -1,4 +1,4 @@
-"""geoseg.storage against a real S3 API (moto's server on 127.0.0.1) and a local folder; no Ray."""
+"""geoseg.core.storage against a real S3 API (moto's server on 127.0.0.1) and a local folder; no Ray."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 import rasterio
 from rasterio.transform import from_origin
 
-from geoseg.errors import InputError, OutputError
-from geoseg.storage import (
+from geoseg.core.errors import InputError, OutputError
+from geoseg.core.storage import (
     OutputStore,
     apply_storage_env,
     gdal_path,
@@ -38,8 +38,17 @@ def _keys(bucket: str, prefix: str = "") -> set[str]:
 
 def _write_geotiff(path: Path) -> np.ndarray:
     data = np.arange(3 * 40 * 50, dtype=np.uint16).reshape(3, 40, 50)
-    with rasterio.open(path, "w", driver="GTiff", width=50, height=40, count=3, dtype="uint16",
-                       crs="EPSG:32633", transform=from_origin(500000, 4000000, 10, 10)) as dst:
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=50,
+        height=40,
+        count=3,
+        dtype="uint16",
+        crs="EPSG:32633",
+        transform=from_origin(500000, 4000000, 10, 10),
+    ) as dst:
         dst.write(data)
     return data
 
@@ -79,10 +88,15 @@ def test_storage_env_derives_gdal_endpoint(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setenv("GDAL_CACHEMAX", "64")  # not a storage setting: stays the worker's own
     monkeypatch.setenv("HOME_NOT_STORAGE", "x")
     assert storage_env() == {
-        "AWS_ENDPOINT_URL": "http://minio.local:9000", "AWS_ACCESS_KEY_ID": "key",
-        "AWS_SECRET_ACCESS_KEY": "secret", "AWS_REGION": "eu-west-1", "GDAL_HTTP_MAX_RETRY": "3",
+        "AWS_ENDPOINT_URL": "http://minio.local:9000",
+        "AWS_ACCESS_KEY_ID": "key",
+        "AWS_SECRET_ACCESS_KEY": "secret",
+        "AWS_REGION": "eu-west-1",
+        "GDAL_HTTP_MAX_RETRY": "3",
         "CPL_VSIL_CURL_CHUNK_SIZE": "1048576",
-        "AWS_S3_ENDPOINT": "minio.local:9000", "AWS_HTTPS": "NO", "AWS_VIRTUAL_HOSTING": "FALSE",
+        "AWS_S3_ENDPOINT": "minio.local:9000",
+        "AWS_HTTPS": "NO",
+        "AWS_VIRTUAL_HOSTING": "FALSE",
     }
     monkeypatch.setenv("AWS_ENDPOINT_URL", "https://s3.example.org")
     env = storage_env()
@@ -110,8 +124,9 @@ def test_apply_storage_env_sets_variables(monkeypatch: pytest.MonkeyPatch) -> No
     assert os.environ["AWS_S3_ENDPOINT"] == "host:1234" and os.environ["GDAL_HTTP_TIMEOUT"] == "30"
 
 
-def test_rasterio_reads_geotiff_from_s3(s3_server: str, s3_bucket: str, tmp_path: Path,
-                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_rasterio_reads_geotiff_from_s3(
+    s3_server: str, s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     data = _write_geotiff(tmp_path / "scene.tif")
     _s3().upload_file(str(tmp_path / "scene.tif"), s3_bucket, "in/scene.tif")
     # GDAL's variables come from AWS_ENDPOINT_URL alone, as on a worker that gets storage_env()
@@ -128,8 +143,17 @@ def test_rasterio_reads_geotiff_from_s3(s3_server: str, s3_bucket: str, tmp_path
 
 def test_list_rasters(s3_bucket: str) -> None:
     s3 = _s3()
-    for key in ("scenes/a.tif", "scenes/B.TIF", "scenes/c.Tiff", "scenes/notes.txt", "scenes/d.tif.aux.xml",
-                "scenes/sub/e.tif", "scenes/", "other/f.tif", "top.tif"):
+    for key in (
+        "scenes/a.tif",
+        "scenes/B.TIF",
+        "scenes/c.Tiff",
+        "scenes/notes.txt",
+        "scenes/d.tif.aux.xml",
+        "scenes/sub/e.tif",
+        "scenes/",
+        "other/f.tif",
+        "top.tif",
+    ):
         s3.put_object(Bucket=s3_bucket, Key=key, Body=b"x")
     expected = [f"s3://{s3_bucket}/scenes/{n}" for n in ("B.TIF", "a.tif", "c.Tiff")]
     assert list_rasters(f"s3://{s3_bucket}/scenes/") == expected
@@ -139,11 +163,13 @@ def test_list_rasters(s3_bucket: str) -> None:
     deep = expected + [f"s3://{s3_bucket}/scenes/sub/e.tif"]
     assert list_rasters(f"s3://{s3_bucket}/scenes/", recursive=True) == sorted(deep)
     # Output names mirror the keys below the prefix; a prefix without its slash is a prefix too.
-    from geoseg.discover import find_inputs
+    from geoseg.raster.discover import find_inputs
 
     found, errors = find_inputs([f"s3://{s3_bucket}/scenes"], recursive=True)
     assert not errors and {f.path: f.name for f in found} == {
-        f"s3://{s3_bucket}/scenes/{k}": v for k, v in (("B.TIF", "B"), ("a.tif", "a"), ("c.Tiff", "c"), ("sub/e.tif", "sub/e"))}
+        f"s3://{s3_bucket}/scenes/{k}": v
+        for k, v in (("B.TIF", "B"), ("a.tif", "a"), ("c.Tiff", "c"), ("sub/e.tif", "sub/e"))
+    }
     found, errors = find_inputs([f"s3://{s3_bucket}/other/f.tif", f"s3://{s3_bucket}/empty/"])
     assert [(f.path, f.name) for f in found] == [(f"s3://{s3_bucket}/other/f.tif", "f")]
     assert [e.path for e in errors] == [f"s3://{s3_bucket}/empty/"]
@@ -162,8 +188,11 @@ def test_s3_publish_uploads_files_and_manifest(s3_bucket: str) -> None:
     store = OutputStore(f"s3://{s3_bucket}/out")
     assert store.remote and store.location == f"s3://{s3_bucket}/out"
     store.check_writable()
-    files = {"scene_landuse.tif": os.urandom(300_000), "scene.gpkg": b"gpkg" * 1000,
-             "summary.json": json.dumps({"status": "ok"}).encode()}
+    files = {
+        "scene_landuse.tif": os.urandom(300_000),
+        "scene.gpkg": b"gpkg" * 1000,
+        "summary.json": json.dumps({"status": "ok"}).encode(),
+    }
     staging = store.staging_dir("scene")
     assert staging.is_dir() and not any(staging.iterdir()) and staging.name.startswith("geoseg-scene-")
     _fill(staging, files)
@@ -173,8 +202,9 @@ def test_s3_publish_uploads_files_and_manifest(s3_bucket: str) -> None:
     for name, content in files.items():
         assert _get(s3_bucket, f"out/scene/{name}") == content
     manifest = json.loads(store.read_text("scene/manifest.json"))
-    assert manifest["files"] == {n: {"bytes": len(c), "sha256": hashlib.sha256(c).hexdigest()}
-                                 for n, c in files.items()}
+    assert manifest["files"] == {
+        n: {"bytes": len(c), "sha256": hashlib.sha256(c).hexdigest()} for n, c in files.items()
+    }
     assert manifest["published"].startswith("20")
     assert json.loads(store.read_text("scene/summary.json")) == {"status": "ok"}
     assert store.read_text("scene/nothing.json") is None
@@ -217,8 +247,12 @@ def test_s3_republish_replaces_and_removes_stale(s3_bucket: str) -> None:
     second = store.staging_dir("scene")
     _fill(second, {"a.tif": b"new a", "b.tif": b"new b", "summary.json": b'{"run": 2}'})
     store.publish(second, "scene")
-    assert _keys(s3_bucket, "out/scene/") == {"out/scene/a.tif", "out/scene/b.tif", "out/scene/summary.json",
-                                              "out/scene/manifest.json"}
+    assert _keys(s3_bucket, "out/scene/") == {
+        "out/scene/a.tif",
+        "out/scene/b.tif",
+        "out/scene/summary.json",
+        "out/scene/manifest.json",
+    }
     assert _get(s3_bucket, "out/scene/a.tif") == b"new a"
     assert _get(s3_bucket, "out/scene/b.tif") == b"new b"
     assert store.read_text("scene/summary.json") == '{"run": 2}'
@@ -260,8 +294,9 @@ def test_s3_check_writable_missing_bucket(s3_server: str) -> None:
     assert "\n" not in message and "<" not in message
     with pytest.raises(OutputError) as info:
         store.write_text("summary.csv", "x")
-    assert str(info.value) == ("s3://geoseg-missing-bucket/out/summary.csv: cannot write: "
-                               "bucket does not exist (NoSuchBucket)")
+    assert str(info.value) == (
+        "s3://geoseg-missing-bucket/out/summary.csv: cannot write: bucket does not exist (NoSuchBucket)"
+    )
 
 
 def test_s3_unreachable_endpoint_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -297,8 +332,7 @@ def test_local_store(tmp_path: Path) -> None:
     assert store.read_text("scene/summary.json") is None  # not published yet
     store.publish(staging, "scene")
     assert not staging.exists()
-    assert sorted(p.name for p in (out / "scene").iterdir()) == ["a.tif", "manifest.json", "stale.gpkg",
-                                                                 "summary.json"]
+    assert sorted(p.name for p in (out / "scene").iterdir()) == ["a.tif", "manifest.json", "stale.gpkg", "summary.json"]
     manifest = json.loads(store.read_text("scene/manifest.json"))
     assert manifest["files"]["a.tif"] == {"bytes": 5, "sha256": hashlib.sha256(b"old a").hexdigest()}
 

@@ -14,11 +14,11 @@ import yaml
 from affine import Affine
 from click.testing import CliRunner
 
-from geoseg.config import config_from_dict
-from geoseg.errors import ConfigError
-from geoseg.models import check_models
-from geoseg.train_config import SceneSpec, load_train_config
-from geoseg.train_data import instance_targets, load_scene, make_chips
+from geoseg.core.config import config_from_dict
+from geoseg.core.errors import ConfigError
+from geoseg.models.load import check_models
+from geoseg.train.config import SceneSpec, load_train_config
+from geoseg.train.data import instance_targets, load_scene, make_chips
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,13 +36,31 @@ def test_body_border_contact_targets():
 
 def _write_train_config(tmp_path: Path, **extra) -> Path:
     cfg = {
-        "name": "tiny", "out": "model", "task": "instance", "classes": ["building"],
-        "channels": ["body", "border", "contact"], "bands": [1, 2, 3], "band_names": ["red", "green", "blue"],
+        "name": "tiny",
+        "out": "model",
+        "task": "instance",
+        "classes": ["building"],
+        "channels": ["body", "border", "contact"],
+        "bands": [1, 2, 3],
+        "band_names": ["red", "green", "blue"],
         "normalize": {"auto": "meanstd"},
-        "model": {"arch": "Unet", "encoder": "tu-resnet10t", "arch_params": {"encoder_depth": 3, "decoder_channels": [16, 8, 8]}},
-        "scenes": [{"synth": {"size": 256, "seed": 1, "touching_pairs": 2}, "labels": "buildings", "split": "both",
-                    "holdout": {"rows": [0.5, 1.0]}}],
-        "chip_size": 64, "chip_halo": 0, "eval_tile_size": 64, "eval_halo": 16,
+        "model": {
+            "arch": "Unet",
+            "encoder": "tu-resnet10t",
+            "arch_params": {"encoder_depth": 3, "decoder_channels": [16, 8, 8]},
+        },
+        "scenes": [
+            {
+                "synth": {"size": 256, "seed": 1, "touching_pairs": 2},
+                "labels": "buildings",
+                "split": "both",
+                "holdout": {"rows": [0.5, 1.0]},
+            }
+        ],
+        "chip_size": 64,
+        "chip_halo": 0,
+        "eval_tile_size": 64,
+        "eval_halo": 16,
         "train": {"steps": 3, "batch_size": 2},
         **extra,
     }
@@ -64,28 +82,54 @@ def test_chips_use_the_run_tiling_and_respect_the_split(tmp_path):
 def test_labels_from_polygons_and_label_raster(tmp_path):
     tr = Affine(2.0, 0, 1000, 0, -2.0, 2000)
     img = tmp_path / "img.tif"
-    with rasterio.open(img, "w", driver="GTiff", width=32, height=32, count=2, dtype="uint16", crs="EPSG:32618",
-                       transform=tr) as ds:
+    with rasterio.open(
+        img, "w", driver="GTiff", width=32, height=32, count=2, dtype="uint16", crs="EPSG:32618", transform=tr
+    ) as ds:
         ds.write(np.full((2, 32, 32), 500, np.uint16))
     lab = tmp_path / "lab.tif"
-    with rasterio.open(lab, "w", driver="GTiff", width=32, height=32, count=1, dtype="uint8", crs="EPSG:32618",
-                       transform=tr, nodata=0) as ds:
+    with rasterio.open(
+        lab, "w", driver="GTiff", width=32, height=32, count=1, dtype="uint8", crs="EPSG:32618", transform=tr, nodata=0
+    ) as ds:
         ds.write(np.tile(np.repeat(np.array([0, 3, 7], np.uint8), [11, 11, 10]), (32, 1))[None])
     gj = tmp_path / "lab.geojson"
-    feats = [{"type": "Feature", "properties": {"kind": k}, "geometry": shapely.geometry.mapping(g)}
-             for k, g in [("water", shapely.box(1000, 1960, 1020, 2000)), ("forest", shapely.box(1020, 1936, 1064, 2000))]]
+    feats = [
+        {"type": "Feature", "properties": {"kind": k}, "geometry": shapely.geometry.mapping(g)}
+        for k, g in [("water", shapely.box(1000, 1960, 1020, 2000)), ("forest", shapely.box(1020, 1936, 1064, 2000))]
+    ]
     crs = {"type": "name", "properties": {"name": "urn:ogc:def:crs:EPSG::32618"}}
     gj.write_text(json.dumps({"type": "FeatureCollection", "crs": crs, "features": feats}))
-    base = {"name": "t", "out": "m", "task": "semantic", "classes": ["water", "forest"], "bands": [2, 1],
-            "normalize": {"auto": "clip", "percentiles": [1, 99]}}
-    (tmp_path / "r.yaml").write_text(yaml.safe_dump({**base, "scenes": [
-        {"image": "img.tif", "labels": "lab.tif", "class_values": {3: "water", 7: "forest"}, "split": "both"}]}))
+    base = {
+        "name": "t",
+        "out": "m",
+        "task": "semantic",
+        "classes": ["water", "forest"],
+        "bands": [2, 1],
+        "normalize": {"auto": "clip", "percentiles": [1, 99]},
+    }
+    (tmp_path / "r.yaml").write_text(
+        yaml.safe_dump(
+            {
+                **base,
+                "scenes": [
+                    {
+                        "image": "img.tif",
+                        "labels": "lab.tif",
+                        "class_values": {3: "water", 7: "forest"},
+                        "split": "both",
+                    }
+                ],
+            }
+        )
+    )
     cfg = load_train_config(tmp_path / "r.yaml")
     s = load_scene(cfg, cfg.scenes[0], tmp_path, 0)
     assert s.image.dtype == np.uint16 and s.image.shape == (2, 32, 32)
     assert (s.target[:, :11] == 255).all() and (s.target[:, 11:22] == 0).all() and (s.target[:, 22:] == 1).all()
-    (tmp_path / "p.yaml").write_text(yaml.safe_dump({**base, "scenes": [
-        {"image": "img.tif", "labels": "lab.geojson", "class_field": "kind", "split": "both"}]}))
+    (tmp_path / "p.yaml").write_text(
+        yaml.safe_dump(
+            {**base, "scenes": [{"image": "img.tif", "labels": "lab.geojson", "class_field": "kind", "split": "both"}]}
+        )
+    )
     cfg = load_train_config(tmp_path / "p.yaml")
     s = load_scene(cfg, cfg.scenes[0], tmp_path, 0)
     assert (s.target[:20, :10] == 0).all() and (s.target[:32, 10:32] == 1).all() and (s.target[25:, :10] == 255).all()
@@ -124,4 +168,4 @@ def test_train_a_few_steps_writes_a_model_geoseg_run_loads(ray_session, tmp_path
     # And re-scoring the written model gives the stored held-out metrics.
     result = CliRunner().invoke(cli, ["-q", "train", str(path), "--evaluate"])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output[result.output.index("{"):]) == contract["metrics"]
+    assert json.loads(result.output[result.output.index("{") :]) == contract["metrics"]

@@ -1,9 +1,9 @@
-"""``geoseg.units`` (ground pixel areas, metres per unit, ground frames) against independent
+"""``geoseg.core.units`` (ground pixel areas, metres per unit, ground frames) against independent
 pyproj computations.
 
 Rule under test: every area is the true area on the CRS's own ellipsoid, whatever the projection
 (UTM, state planes in feet, LAEA, geographic, Mercator...), checked against ``pyproj.Geod`` on the
-pixel's outline densified in the CRS (the exact cell). ``geoseg/units.py`` says how.
+pixel's outline densified in the CRS (the exact cell). ``geoseg/core/units.py`` says how.
 """
 
 from __future__ import annotations
@@ -15,12 +15,14 @@ import pytest
 from affine import Affine
 from pyproj import CRS, Geod, Proj, Transformer
 
-from geoseg.units import ground_frames, ground_scale
+from geoseg.core.units import ground_frames, ground_scale
 
 US_FOOT = 1200 / 3937
 
 
-def exact_row_areas(crs: str, transform: Affine, width: int, height: int, ellps: str = "WGS84", n: int = 64) -> np.ndarray:
+def exact_row_areas(
+    crs: str, transform: Affine, width: int, height: int, ellps: str = "WGS84", n: int = 64
+) -> np.ndarray:
     """Area of one pixel per row: the row's full-width strip, edges densified, on ``ellps``, / width."""
     geod = Geod(ellps=ellps)
     crs_obj = CRS.from_user_input(crs)
@@ -171,14 +173,17 @@ def test_mercator_rows_are_true_ground_areas(crs, lon0, lat0):
     assert s.metres_per_unit == pytest.approx(k, rel=0.01)
 
 
-@pytest.mark.parametrize("crs, lon, lat", [
-    ("EPSG:32618", -72.0, 40.0),  # UTM 18N, 300 km off its central meridian
-    ("EPSG:2264", -78.7, 35.7),  # US survey feet
-    ("EPSG:3857", 20.0, 70.0),  # Web Mercator at high latitude (not conformal on the ellipsoid)
-    ("EPSG:3031", 60.0, -70.0),  # Antarctic polar stereographic
-    ("EPSG:3031", 0.0, -90.0),  # at the pole itself
-    ("EPSG:4326", 10.0, 60.0),  # degrees
-])
+@pytest.mark.parametrize(
+    "crs, lon, lat",
+    [
+        ("EPSG:32618", -72.0, 40.0),  # UTM 18N, 300 km off its central meridian
+        ("EPSG:2264", -78.7, 35.7),  # US survey feet
+        ("EPSG:3857", 20.0, 70.0),  # Web Mercator at high latitude (not conformal on the ellipsoid)
+        ("EPSG:3031", 60.0, -70.0),  # Antarctic polar stereographic
+        ("EPSG:3031", 0.0, -90.0),  # at the pole itself
+        ("EPSG:4326", 10.0, 60.0),  # degrees
+    ],
+)
 def test_ground_frames_give_geodesic_lengths_and_azimuths(crs, lon, lat):
     """A short CRS offset mapped by the frame has the Geod length and azimuth of its two ends."""
     crs_obj = CRS.from_user_input(crs)

@@ -19,10 +19,10 @@ from click.testing import CliRunner
 
 import geoseg
 from geoseg.cli.main import cli, main
-from geoseg.config import load_config
-from geoseg.styles import class_colors
-from geoseg.pipeline import run
-from geoseg.synth import write_scene
+from geoseg.core.config import load_config
+from geoseg.outputs.styles import class_colors
+from geoseg.runner.pipeline import run
+from geoseg.train.synth import write_scene
 
 SE, OGC = "{http://www.opengis.net/se}", "{http://www.opengis.net/ogc}"
 MODELS = ("landuse", "buildings", "ships")
@@ -34,8 +34,9 @@ def outputs(ray_session, tmp_path_factory, oracle_config_path):
     root = tmp_path_factory.mktemp("vectors")
     scene = root / "vec.tif"
     write_scene(scene, size=512, seed=21)
-    config = load_config(oracle_config_path, {"tiling": {"tile_size": 256, "halo": 16},
-                                              "output": {"vectors": "gpkg,parquet"}})
+    config = load_config(
+        oracle_config_path, {"tiling": {"tile_size": 256, "halo": 16}, "output": {"vectors": "gpkg,parquet"}}
+    )
     assert config.output.vectors == ["gpkg", "parquet"]
     report = run([str(scene)], root / "out", config, progress=False)
     assert report.ok, report.failures
@@ -44,8 +45,9 @@ def outputs(ray_session, tmp_path_factory, oracle_config_path):
 
 def _styles(gpkg) -> dict[str, tuple]:
     with sqlite3.connect(gpkg) as db:
-        rows = db.execute("select f_table_name, f_geometry_column, styleName, styleQML, styleSLD, useAsDefault "
-                          "from layer_styles").fetchall()
+        rows = db.execute(
+            "select f_table_name, f_geometry_column, styleName, styleQML, styleSLD, useAsDefault from layer_styles"
+        ).fetchall()
     return {r[0]: r[1:] for r in rows}
 
 
@@ -118,12 +120,18 @@ def test_geopackage_stays_valid_with_the_styles_table(outputs):
     _, out = outputs
     gpkg = out / "vec.gpkg"
     layers = dict(pyogrio.list_layers(gpkg))
-    assert layers == {"landuse": "MultiPolygon", "buildings": "MultiPolygon", "ships": "MultiPolygon",
-                      "counts": None, "layer_styles": None}
+    assert layers == {
+        "landuse": "MultiPolygon",
+        "buildings": "MultiPolygon",
+        "ships": "MultiPolygon",
+        "counts": None,
+        "layer_styles": None,
+    }
     assert len(pyogrio.read_dataframe(gpkg, layer="layer_styles")) == 3
     with sqlite3.connect(gpkg) as db:
         assert db.execute("select data_type from gpkg_contents where table_name = 'layer_styles'").fetchone() == (
-            "attributes",)
+            "attributes",
+        )
         assert db.execute("pragma integrity_check").fetchone() == ("ok",)
     assert len(pyogrio.read_dataframe(gpkg, layer="buildings")) > 0
 
@@ -139,8 +147,9 @@ def test_each_mask_has_a_qml_that_qgis_loads_beside_it(outputs):
             assert renderer.get("type") == "paletted"
             entries = renderer.findall("colorPalette/paletteEntry")
             assert [(e.get("value"), e.get("label"), e.get("color")) for e in entries] == [
-                (str(i), c, col) for i, (c, col) in enumerate(zip(config.models[name].classes,
-                                                                   config.models[name].colors))]
+                (str(i), c, col)
+                for i, (c, col) in enumerate(zip(config.models[name].classes, config.models[name].colors))
+            ]
             continue
         n = summary["models"][name]["classes"][config.models[name].classes[0]]["count"]
         assert n > 0
@@ -195,8 +204,9 @@ def test_cli_parquet_only_writes_no_geopackage(ray_session, tmp_path, oracle_con
     scene = tmp_path / "only.tif"
     write_scene(scene, size=256, seed=22)
     out = tmp_path / "out"
-    result = CliRunner().invoke(cli, ["-q", "run", str(scene), "--out", str(out), "--config", str(oracle_config_path),
-                                      "--vectors", "parquet"])
+    result = CliRunner().invoke(
+        cli, ["-q", "run", str(scene), "--out", str(out), "--config", str(oracle_config_path), "--vectors", "parquet"]
+    )
     assert result.exit_code == 0, (result.output, result.exception)
     files = {p.name for p in (out / "only").iterdir()}
     assert not any(f.endswith(".gpkg") for f in files), files
@@ -208,8 +218,22 @@ def test_cli_parquet_only_writes_no_geopackage(ray_session, tmp_path, oracle_con
 
 
 def test_bad_vectors_value_is_one_line(tmp_path, oracle_config_path, monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["geoseg", "-q", "run", str(tmp_path / "x.tif"), "--out", str(tmp_path / "out"),
-                                      "--config", str(oracle_config_path), "--vectors", "gpkg,shp"])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "geoseg",
+            "-q",
+            "run",
+            str(tmp_path / "x.tif"),
+            "--out",
+            str(tmp_path / "out"),
+            "--config",
+            str(oracle_config_path),
+            "--vectors",
+            "gpkg,shp",
+        ],
+    )
     with pytest.raises(SystemExit) as exc:
         main()
     err = capsys.readouterr().err

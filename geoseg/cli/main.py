@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from geoseg import __version__
-from geoseg.errors import GeosegError
+from geoseg.core.errors import GeosegError
 
 # Package data (geoseg/defaults/: the wheel carries the config and its models); in a checkout a
 # symlink to configs/default.yaml, whose model paths resolve against configs/.
@@ -31,27 +31,58 @@ def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
 @cli.command()
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--out", "out_dir", required=True, help="Output folder, or s3://bucket/prefix.")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
-              help="YAML config (default: configs/default.yaml).")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="YAML config (default: configs/default.yaml).",
+)
 @click.option("--tile-size", type=int, default=None, help="Core pixels per tile side (overrides the config).")
-@click.option("--halo", type=int, default=None, help="Pixels each side of a tile's core that its objects are decoded over.")
-@click.option("--blend", type=click.Choice(["hann", "none"]), default=None,
-              help="hann: models run on overlapping windows, blended (no seams); none: one window per tile.")
+@click.option(
+    "--halo", type=int, default=None, help="Pixels each side of a tile's core that its objects are decoded over."
+)
+@click.option(
+    "--blend",
+    type=click.Choice(["hann", "none"]),
+    default=None,
+    help="hann: models run on overlapping windows, blended (no seams); none: one window per tile.",
+)
 @click.option("--window", type=int, default=None, help="Window side the models see, in model pixels (blend hann).")
 @click.option("--overlap", type=int, default=None, help="Model pixels shared by neighbouring windows (blend hann).")
-@click.option("--batch-size", type=int, default=None, help="Tiles per task (per network call on a GPU; one by one on the CPU).")
+@click.option(
+    "--batch-size", type=int, default=None, help="Tiles per task (per network call on a GPU; one by one on the CPU)."
+)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None)
-@click.option("--vectors", default=None, metavar="FORMATS",
-              help="Polygon formats, comma-separated: gpkg, parquet (default: the config's output.vectors, gpkg).")
+@click.option(
+    "--vectors",
+    default=None,
+    metavar="FORMATS",
+    help="Polygon formats, comma-separated: gpkg, parquet (default: the config's output.vectors, gpkg).",
+)
 @click.option("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray).")
 @click.option("--recursive", "-r", is_flag=True, help="Take rasters in sub-folders too (outputs mirror them).")
 @click.option("--force", is_flag=True, help="Redo every input, even those unchanged since they were done.")
 @click.option("--resume", is_flag=True, hidden=True, help="No effect: every run skips unchanged inputs.")
 @click.pass_context
-def run(ctx: click.Context, inputs: tuple[str, ...], out_dir: str, config_path: str | None, tile_size: int | None,
-        halo: int | None, blend: str | None, window: int | None, overlap: int | None, batch_size: int | None,
-        device: str | None, vectors: str | None, address: str | None, recursive: bool, force: bool,
-        resume: bool) -> None:
+def run(
+    ctx: click.Context,
+    inputs: tuple[str, ...],
+    out_dir: str,
+    config_path: str | None,
+    tile_size: int | None,
+    halo: int | None,
+    blend: str | None,
+    window: int | None,
+    overlap: int | None,
+    batch_size: int | None,
+    device: str | None,
+    vectors: str | None,
+    address: str | None,
+    recursive: bool,
+    force: bool,
+    resume: bool,
+) -> None:
     """Segment every GeoTIFF in INPUTS (files, folders, globs, s3:// prefixes) into OUT.
 
     Inputs done before from the same bytes with the same config and models are skipped (see
@@ -69,17 +100,20 @@ def run(ctx: click.Context, inputs: tuple[str, ...], out_dir: str, config_path: 
       geoseg run /vsis3/bucket/scene.tif --out out/ --address ray://head:10001
       geoseg run s3://bucket/scenes/ --out s3://bucket/results   # AWS_* variables, see README
     """
-    from geoseg.config import load_config
-    from geoseg.pipeline import run as run_pipeline
-    from geoseg.storage import OutputStore
+    from geoseg.core.config import load_config
+    from geoseg.core.storage import OutputStore
+    from geoseg.runner.pipeline import run as run_pipeline
 
-    overrides = {"tiling": {"tile_size": tile_size, "halo": halo, "blend": blend, "window": window, "overlap": overlap},
-                 "runtime": {"batch_size": batch_size, "device": device},
-                 "output": {"vectors": vectors}}
+    overrides = {
+        "tiling": {"tile_size": tile_size, "halo": halo, "blend": blend, "window": window, "overlap": overlap},
+        "runtime": {"batch_size": batch_size, "device": device},
+        "output": {"vectors": vectors},
+    }
     config = load_config(config_path or DEFAULT_CONFIG, overrides)
     del resume  # kept so that old nightly scripts still run: skipping unchanged inputs is the default
-    report = run_pipeline(list(inputs), out_dir, config, address=address, progress=not ctx.obj["quiet"],
-                          force=force, recursive=recursive)
+    report = run_pipeline(
+        list(inputs), out_dir, config, address=address, progress=not ctx.obj["quiet"], force=force, recursive=recursive
+    )
     for path, error in report.failures:
         click.echo(f"error: {error}" if path in error else f"error: {path}: {error}", err=True)
     if ctx.obj["quiet"]:  # -q hides the log; a warning that the results may be wrong still shows
@@ -109,25 +143,33 @@ def synth(out: str, size: int, seed: int, crs: str, pixel_size: float | None, to
     Example:
       geoseg synth scenes/synth.tif --size 4096 --seed 7
     """
-    from geoseg.synth import write_scene
+    from geoseg.train.synth import write_scene
 
     if pixel_size is None:
         pixel_size = 1e-5 if crs.upper() == "EPSG:4326" else 1.0
     objects = write_scene(out, size=size, seed=seed, crs=crs, pixel_size=pixel_size, touching_pairs=touching_pairs)
     kinds = {k: sum(o.kind == k for o in objects) for k in ("building", "ship")}
-    click.echo(f"{out}: {size}x{size}, {kinds['building']} buildings, {kinds['ship']} ships; truth in {Path(out).with_suffix('.truth')}/")
+    click.echo(
+        f"{out}: {size}x{size}, {kinds['building']} buildings, {kinds['ship']} ships; "
+        f"truth in {Path(out).with_suffix('.truth')}/"
+    )
 
 
 @cli.command()
 @click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False, exists=True))
 @click.option("--steps", type=int, default=None, help="Optimizer steps (overrides the config's train.steps).")
 @click.option("--out", default=None, help="Model directory to write (overrides the config's 'out').")
-@click.option("--evaluate", "evaluate_only", is_flag=True,
-              help="Do not train: score the existing model directory on the held-out split.")
+@click.option(
+    "--evaluate",
+    "evaluate_only",
+    is_flag=True,
+    help="Do not train: score the existing model directory on the held-out split.",
+)
 @click.option("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray).")
 @click.pass_context
-def train(ctx: click.Context, config_path: str, steps: int | None, out: str | None, evaluate_only: bool,
-          address: str | None) -> None:
+def train(
+    ctx: click.Context, config_path: str, steps: int | None, out: str | None, evaluate_only: bool, address: str | None
+) -> None:
     """Train a model from GeoTIFFs and labels into a directory that 'geoseg run' loads.
 
     \b

@@ -8,17 +8,18 @@ from pathlib import Path
 import click
 
 
-def run_train(config_path: str, steps: int | None, out: str | None, evaluate_only: bool, address: str | None,
-              quiet: bool) -> None:
+def run_train(
+    config_path: str, steps: int | None, out: str | None, evaluate_only: bool, address: str | None, quiet: bool
+) -> None:
     """Load the training config, train (or evaluate), print the held-out scores."""
     import logging
 
-    from geoseg.contract import resolve
-    from geoseg.train import summary_lines, train
-    from geoseg.train_config import load_train_config
+    from geoseg.core.contract import resolve
+    from geoseg.train.config import load_train_config
+    from geoseg.train.fit import summary_lines, train
 
     if not quiet:
-        logging.getLogger("geoseg.train").setLevel(logging.INFO)
+        logging.getLogger("geoseg.train.fit").setLevel(logging.INFO)
     overrides = {"train": {"steps": steps}, "out": str(Path(out).resolve()) if out else None}
     cfg = load_train_config(config_path, overrides)
     contract = train(cfg, evaluate_only=evaluate_only, address=address)

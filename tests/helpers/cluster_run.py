@@ -1,4 +1,4 @@
-"""Run ``geoseg.pipeline.run`` on a multi-node Ray cluster started on this machine.
+"""Run ``geoseg.runner.pipeline.run`` on a multi-node Ray cluster started on this machine.
 
 ``python tests/helpers/cluster_run.py [--remove-node-mid-run] CONFIG OVERRIDES_JSON OUT REPORT_JSON INPUT...``: a head
 with no CPU and two one-CPU worker nodes (``ray.cluster_utils.Cluster``, all on 127.0.0.1), in a process of its own
@@ -82,8 +82,9 @@ def _assembling(node: Any, out: str) -> bool:
 def _published(out: str) -> int:
     """Scenes published in ``out`` (their manifest.json, outside the hidden staging folders)."""
     root = Path(out)
-    return sum(1 for p in root.rglob("manifest.json")
-               if not any(part.startswith(".") for part in p.relative_to(root).parts))
+    return sum(
+        1 for p in root.rglob("manifest.json") if not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
 
 
 def _remove_mid_run(cluster: Any, out: str, total: int, removed: dict[str, Any], done: threading.Event) -> None:
@@ -119,8 +120,8 @@ def main() -> None:
     import ray
     from ray.cluster_utils import Cluster
 
-    from geoseg.config import load_config
-    from geoseg.pipeline import run
+    from geoseg.core.config import load_config
+    from geoseg.runner.pipeline import run
 
     messages: list[str] = []
 
@@ -135,8 +136,15 @@ def main() -> None:
     store = 150 * 1024**2
     # A killed node is found dead after a few missed health checks (by default about 15 s).
     system = {"health_check_period_ms": 1000, "health_check_timeout_ms": 1000, "health_check_failure_threshold": 4}
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": store,
-                                                           "include_dashboard": False, "_system_config": system})
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 0,
+            "object_store_memory": store,
+            "include_dashboard": False,
+            "_system_config": system,
+        },
+    )
     stopped = threading.Event()
 
     def watchdog() -> None:
@@ -154,8 +162,9 @@ def main() -> None:
         removed: dict[str, Any] = {}
         done = threading.Event()
         if remove:
-            threading.Thread(target=_remove_mid_run, args=(cluster, out, len(inputs), removed, done),
-                             daemon=True).start()
+            threading.Thread(
+                target=_remove_mid_run, args=(cluster, out, len(inputs), removed, done), daemon=True
+            ).start()
         started = time.time()
         try:
             report = run(inputs, out, load_config(config_path, json.loads(overrides)), progress=False)
@@ -165,9 +174,18 @@ def main() -> None:
         if removed:
             removed["after_start_s"] = round(removed.pop("at") - started, 2)
         with open(report_path, "w") as fh:
-            json.dump({"ok": report.ok, "failures": report.failures, "writer_nodes": report.writer_nodes,
-                       "nodes": nodes, "removed": removed or None, "seconds": round(time.time() - started, 2),
-                       "log": messages}, fh)
+            json.dump(
+                {
+                    "ok": report.ok,
+                    "failures": report.failures,
+                    "writer_nodes": report.writer_nodes,
+                    "nodes": nodes,
+                    "removed": removed or None,
+                    "seconds": round(time.time() - started, 2),
+                    "log": messages,
+                },
+                fh,
+            )
     finally:
         ray.shutdown()
         cluster.shutdown()

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from geoseg.synth import oracle_landuse
+from geoseg.train.synth import oracle_landuse
 
-MARKER = (3, 251, 7)  # RGB of the poison pixels (never produced by geoseg.synth's palette)
+MARKER = (3, 251, 7)  # RGB of the poison pixels (never produced by geoseg.train.synth's palette)
 SLOW_CALL_S = 0.15
 
 

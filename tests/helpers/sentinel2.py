@@ -26,8 +26,16 @@ def stack(shared_data: Path, city: str, out: Path, factor: int = 1) -> Path:
         profile = first.profile
         width, height = first.width // factor, first.height // factor
         transform = first.transform * first.transform.scale(factor, factor)
-    profile.update(count=len(files), width=width, height=height, transform=transform, compress="deflate",
-                   tiled=True, blockxsize=256, blockysize=256)
+    profile.update(
+        count=len(files),
+        width=width,
+        height=height,
+        transform=transform,
+        compress="deflate",
+        tiled=True,
+        blockxsize=256,
+        blockysize=256,
+    )
     with rasterio.open(out, "w", **profile) as dst:
         for i, path in enumerate(files, start=1):
             with rasterio.open(path) as src:

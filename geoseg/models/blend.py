@@ -1,0 +1,238 @@
+"""Blended inference in the model actor: each head runs on its scene's window grid over a tile's read
+window, and the windows' probabilities are averaged with fading weights (``geoseg.raster.windows``).
+
+A window's output is kept (uint8 probabilities on the model's grid) in a cache bounded in bytes, so
+a window that neighbouring tiles share runs once when they come to the same actor; tiles come row
+by row, so the windows of the row above are usually still there. Correctness never depends on the
+cache: a window not found is computed again, the same way.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from geoseg.core.config import MeanStdNormalize, ModelConfig
+from geoseg.models.forward import WIDEN, mask_invalid, normalize, predict_probs
+from geoseg.raster.windows import BlendPlan, HeadWindows
+
+if TYPE_CHECKING:
+    from geoseg.models.infer import Predictor
+
+WindowKey = tuple[str, str, int, int]  # scene key, head, row, col
+
+
+class WindowCache:
+    """Least recently used window outputs, up to ``max_bytes``."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.items: collections.OrderedDict[WindowKey, torch.Tensor] = collections.OrderedDict()
+        self.sides: dict[WindowKey, int] = {}  # each window's side on the input grid
+        self.hits = self.misses = 0
+
+    def get(self, key: WindowKey) -> torch.Tensor | None:
+        value = self.items.get(key)
+        if value is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self.items.move_to_end(key)
+        return value
+
+    def drop_above(self, scene_key: str, row: int) -> None:
+        """Forget the scene's windows that end above ``row``: tiles come to an actor row by row, so
+        no later tile needs them (a tile sent again would compute them again)."""
+        for key in [k for k in self.items if k[0] == scene_key and k[2] + self.sides.get(k, 0) <= row]:
+            value = self.items.pop(key)
+            self.sides.pop(key, None)
+            self.bytes -= value.numel() * value.element_size()
+
+    def put(self, key: WindowKey, value: torch.Tensor, side: int) -> None:
+        size = value.numel() * value.element_size()
+        if size > self.max_bytes:
+            return
+        self.items[key] = value
+        self.sides[key] = side
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            old_key, old = self.items.popitem(last=False)
+            self.sides.pop(old_key, None)
+            self.bytes -= old.numel() * old.element_size()
+
+
+def _padded(arr: np.ndarray, have: Any, top: int, left: int, bottom: int, right: int) -> np.ndarray:
+    """``arr`` (``... x h x w``, covering the window ``have``) reflected out to rows ``[top, bottom)``
+    and columns ``[left, right)`` of the raster grid (beyond the raster there is no context)."""
+    r0, c0 = int(have.row_off), int(have.col_off)
+    h, w = arr.shape[-2:]
+    pads = [(0, 0)] * (arr.ndim - 2) + [(r0 - top, bottom - r0 - h), (c0 - left, right - c0 - w)]
+    mode = "reflect" if min(h, w) > 1 else "edge"
+    return np.pad(arr, pads, mode=mode) if any(p for pair in pads for p in pair) else arr
+
+
+def _to_model_grid(
+    x: torch.Tensor, valid: torch.Tensor | None, hw: HeadWindows
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Windows of ``side`` input pixels -> ``model_side`` model pixels: the mean of the valid input
+    pixels under each model pixel (``area``) when the model's pixels are larger, bilinear when they
+    are smaller. A model pixel is valid when at least half of what it covers is."""
+    size = (hw.model_side, hw.model_side)
+    mode = "area" if hw.side > hw.model_side else "bilinear"
+    kwargs: dict[str, Any] = {} if mode == "area" else {"align_corners": False}
+    if valid is None:
+        return F.interpolate(x, size=size, mode=mode, **kwargs), None
+    v = valid[:, None].to(x.dtype)
+    frac = F.interpolate(v, size=size, mode=mode, **kwargs)
+    x = F.interpolate(x * v, size=size, mode=mode, **kwargs) / frac.clamp_min(1e-6)
+    return x, frac[:, 0] >= 0.5
+
+
+def _window_probs(
+    predictor: Predictor,
+    spec: ModelConfig,
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    valid: torch.Tensor | None,
+    hw: HeadWindows,
+) -> torch.Tensor:
+    """uint8 probabilities (p * 255) ``B x K x model_side x model_side`` of raw windows ``x``."""
+
+    x = x.float()
+    if hw.resampled:
+        x, valid = _to_model_grid(x, valid, hw)
+    x = mask_invalid(normalize(x, spec), valid).contiguous(memory_format=torch.channels_last)
+    with predictor.autocast(spec):
+        probs = predict_probs(model, x, spec, spec.tta or predictor.config.runtime.tta)
+    return (probs * 255).round().to(torch.uint8)
+
+
+def blend_batch(predictor: Predictor, payloads: list[dict[str, Any]], plan: BlendPlan) -> list[dict[str, np.ndarray]]:
+    """Every head's blended output for each tile: uint8 class per core pixel (semantic), or uint8
+    probabilities (p * 255) per channel over the read window (instance), as ``Predictor`` returns."""
+    results: list[dict[str, np.ndarray]] = [{} for _ in payloads]
+    predictor.cache.drop_above(plan.key, min(int(p["tile"].read.row_off) for p in payloads))
+    for name, (spec, model, positions) in predictor.heads.items():
+        hw = plan.heads[name]
+        spec = _with_scale_offset(spec, plan.scale_offsets.get(name))
+        needs = [plan.windows(name, p["tile"].read) for p in payloads]
+        windows = _head_windows(predictor, payloads, plan, name, needs, spec, model, positions)
+        ramp = torch.from_numpy(hw.ramp()).to(predictor.device)
+        weight = ramp[:, None] * ramp[None, :]  # one window's weights, side x side
+        for k, (p, wins) in enumerate(zip(payloads, needs)):
+            results[k][name] = _blend_tile(p["tile"], wins, windows, hw, weight, spec, plan.key, name)
+    return results
+
+
+def _with_scale_offset(spec: ModelConfig, scale_offset: tuple[float, float] | None) -> ModelConfig:
+    """The head with the input's own (scale, offset) to physical values, where its normalisation
+    works in physical values (mean/std); unchanged otherwise."""
+    if scale_offset is None or not isinstance(spec.normalize, MeanStdNormalize):
+        return spec
+    scale, offset = scale_offset
+    return spec.model_copy(update={"normalize": spec.normalize.model_copy(update={"scale": scale, "offset": offset})})
+
+
+def _head_windows(
+    predictor: Predictor,
+    payloads: list[dict[str, Any]],
+    plan: BlendPlan,
+    name: str,
+    needs: list[list[tuple[int, int]]],
+    spec: ModelConfig,
+    model: torch.nn.Module,
+    positions: list[int],
+) -> dict[WindowKey, torch.Tensor]:
+    """The outputs of every window the batch's tiles need: from the cache, or computed once."""
+    hw = plan.heads[name]
+    found: dict[WindowKey, torch.Tensor] = {}
+    todo: dict[WindowKey, int] = {}  # window -> the payload whose context holds its pixels
+    for i, wins in enumerate(needs):
+        for r, c in wins:
+            key = (plan.key, name, r, c)
+            if key in found or key in todo:
+                continue
+            hit = predictor.cache.get(key)
+            if hit is not None:
+                found[key] = hit
+            else:
+                todo[key] = i
+    padded: dict[int, tuple[np.ndarray, np.ndarray, int, int]] = {}
+    keys = list(todo)
+    step = len(keys) if predictor.device.type == "cuda" else 1
+    step = max(1, min(step, predictor.config.runtime.batch_size))
+    for start in range(0, len(keys), step):
+        part = keys[start : start + step]
+        images, valids = [], []
+        for key in part:
+            i = todo[key]
+            if i not in padded:
+                padded[i] = _tile_context(payloads[i], needs[i], hw)
+            image, valid, top, left = padded[i]
+            r, c = key[2] - top, key[3] - left
+            images.append(image[positions, r : r + hw.side, c : c + hw.side])
+            valids.append(valid[r : r + hw.side, c : c + hw.side])
+        x = torch.from_numpy(np.stack(images)).to(predictor.device)
+        v = torch.from_numpy(np.stack(valids)).to(predictor.device)
+        out = _window_probs(predictor, spec, model, x, None if bool(v.all()) else v, hw)
+        for key, probs in zip(part, out):
+            found[key] = probs
+            predictor.cache.put(key, probs, hw.side)
+    return found
+
+
+def _tile_context(
+    payload: dict[str, Any], wins: list[tuple[int, int]], hw: HeadWindows
+) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """The tile's image and validity reflected out to cover all its windows, widened to a dtype
+    torch computes on; with the raster row and column of their first pixel."""
+
+    top, left = min(r for r, _ in wins), min(c for _, c in wins)
+    bottom, right = max(r for r, _ in wins) + hw.side, max(c for _, c in wins) + hw.side
+    have = payload["tile"].source
+    image = payload["image"]
+    image = image.astype(WIDEN.get(image.dtype, image.dtype), copy=False)
+    valid = payload.get("valid")
+    valid = np.ones(image.shape[-2:], bool) if valid is None else valid
+    return (_padded(image, have, top, left, bottom, right), _padded(valid, have, top, left, bottom, right), top, left)
+
+
+def _blend_tile(
+    tile: Any,
+    wins: list[tuple[int, int]],
+    windows: dict[WindowKey, torch.Tensor],
+    hw: HeadWindows,
+    window_weight: torch.Tensor,
+    spec: ModelConfig,
+    scene_key: str,
+    name: str,
+) -> np.ndarray:
+    """The weighted mean of the tile's windows over its read window, cropped as the head returns it."""
+    read = tile.read
+    r0, c0, h, w = int(read.row_off), int(read.col_off), int(read.height), int(read.width)
+    total: torch.Tensor | None = None
+    weight_sum = torch.zeros((h, w), dtype=torch.float32, device=window_weight.device)
+    for r, c in wins:
+        probs = windows[(scene_key, name, r, c)].float() / 255.0
+        if hw.resampled:
+            probs = F.interpolate(probs[None], size=(hw.side, hw.side), mode="bilinear", align_corners=False)[0]
+        # The part of the window inside the read window, in both frames.
+        y0, y1 = max(r, r0), min(r + hw.side, r0 + h)
+        x0, x1 = max(c, c0), min(c + hw.side, c0 + w)
+        weight = window_weight[y0 - r : y1 - r, x0 - c : x1 - c]
+        part = probs[:, y0 - r : y1 - r, x0 - c : x1 - c] * weight
+        if total is None:
+            total = torch.zeros((probs.shape[0], h, w), dtype=torch.float32, device=weight.device)
+        total[:, y0 - r0 : y1 - r0, x0 - c0 : x1 - c0] += part
+        weight_sum[y0 - r0 : y1 - r0, x0 - c0 : x1 - c0] += weight
+    assert total is not None
+    blended = total / weight_sum
+    if spec.task == "semantic":
+        rs, cs = tile.core_in_read
+        return blended[:, rs, cs].argmax(dim=0).to(torch.uint8).cpu().numpy()
+    return (blended * 255).round().to(torch.uint8).cpu().numpy()

@@ -1,0 +1,159 @@
+"""The Ray a run uses, and what it leaves behind on a laptop.
+
+A run joins a Ray that is already up (a cluster, a notebook's, one an earlier run started) and
+leaves it as it is. Otherwise it connects to ``--address``/``RAY_ADDRESS``, or starts a local Ray,
+which stays up for the next run in the same process and is shut down when the process exits
+(stopping a local Ray takes about 1.5 s: a command pays it once, at its end, not inside ``run``).
+A local Ray started here is marked as geoseg's, and its session folder (logs, sockets, spilled
+objects: Ray never deletes them) is removed at that exit. A run killed with SIGKILL cannot
+clean up: two Ray agents outlive it for a while and its session folder stays, so each new run
+first sweeps the sessions of geoseg runs whose driver is gone (their leftover processes are ended,
+their folders removed). Sessions of clusters started with ``ray start`` are never touched.
+Set ``GEOSEG_KEEP_RAY_SESSION=1`` to keep the session folder for debugging.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import os
+import re
+import shutil
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import ray
+
+from geoseg.runner.lock import process_alive
+
+log = logging.getLogger("geoseg")
+# A local Ray caps its object store: tile batches in flight need little, and the store's pages
+# count in every process that maps them.
+LOCAL_OBJECT_STORE_BYTES = 1024**3
+MARKER = "geoseg-driver.pid"  # in a session folder: the local Ray was started by this geoseg run
+AUTH_MODE_ENV = "RAY_AUTH_MODE"  # Ray's switch for token authentication: token or disabled
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None) -> None:
+    """Connect to ``address`` (or ``RAY_ADDRESS``), else start a local Ray; reuse one already up."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+    else:
+        # "local": a new Ray of our own, even where `ray start` runs one on this machine (whose
+        # address needs --address or RAY_ADDRESS): its session folder is then ours to remove.
+        _token_auth_for_local_ray()
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            num_gpus=num_gpus,
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level=logging.WARNING,
+            object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+        )
+
+
+def _token_auth_for_local_ray() -> None:
+    """Ask for token authentication for a local Ray, unless ``RAY_AUTH_MODE`` says otherwise.
+
+    With ``RAY_AUTH_MODE`` unset, Ray 2.60 turns token authentication on for a new local Ray by
+    itself (writing ``~/.ray/auth_token`` if missing) and then warns, on every start, that it did.
+    The protection is right (a local Ray listens on the machine's address: without a token anyone
+    who reaches its ports can run code in it), the warning is noise: asking for token mode
+    explicitly keeps the same protection and Ray says nothing. Ray reads the mode when it is
+    imported, so setting the variable now is not enough: its own helper sets it and reloads Ray's
+    config (what ``ray.init`` itself does, without the warning). A mode the user set (``token``, or
+    ``disabled`` on a trusted machine) is kept, and clusters joined through an address are never
+    touched: this runs only before starting a local Ray.
+    """
+    if os.environ.get(AUTH_MODE_ENV) is not None:
+        return
+    try:
+        from ray._private.authentication.authentication_token_setup import _enable_token_auth
+    except ImportError:  # a Ray without token authentication: its defaults apply, nothing to say
+        return
+    _enable_token_auth()
+
+
+@contextlib.contextmanager
+def ray_for_run(address: str | None) -> Iterator[None]:
+    """Ray for one run (see the module docstring)."""
+    if ray.is_initialized():
+        yield
+        return
+    local = not (address or os.environ.get("RAY_ADDRESS"))
+    ensure_ray(address)
+    session = _session_dir() if local else None
+    if session is not None:
+        with contextlib.suppress(OSError):
+            (session / MARKER).write_text(str(os.getpid()))
+        sweep_stale_sessions(session.parent)
+    # Registered after ray.init, so it runs before Ray's own exit hook (last in, first out).
+    atexit.register(_shut_down, session)
+    yield
+
+
+def _shut_down(session: Path | None) -> None:
+    """At exit: stop the Ray this process started or joined, then remove a local session folder."""
+    ray.shutdown()
+    if session is not None and not os.environ.get("GEOSEG_KEEP_RAY_SESSION"):
+        remove_session(session)
+
+
+def _session_dir() -> Path | None:
+    try:
+        return Path(ray._private.worker._global_node.get_session_dir_path())  # no public API names it
+    except AttributeError:
+        return None
+
+
+def remove_session(session: Path) -> None:
+    latest = session.parent / "session_latest"
+    with contextlib.suppress(OSError):
+        if latest.is_symlink() and Path(os.path.realpath(latest)) == session.resolve():
+            latest.unlink()
+    shutil.rmtree(session, ignore_errors=True)
+
+
+def _holders(folder: Path) -> list[int]:
+    """Processes with a file open under ``folder`` (Linux /proc; none found elsewhere)."""
+    prefix = str(folder.resolve()) + os.sep
+    pids = []
+    for entry in os.scandir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            if any(
+                os.readlink(f"/proc/{entry.name}/fd/{fd}").startswith(prefix)
+                for fd in os.listdir(f"/proc/{entry.name}/fd")
+            ):
+                pids.append(int(entry.name))
+    return pids
+
+
+def sweep_stale_sessions(root: Path) -> list[Path]:
+    """End what runs killed earlier left in Ray's temp folder ``root``: for each session folder
+    marked as geoseg's whose driver is gone, stop the processes still holding files in it, then
+    remove it. Returns the folders."""
+    swept = []
+    for session in root.iterdir():
+        if not re.match(r"session_\d", session.name) or session.is_symlink():
+            continue
+        try:
+            driver = int((session / MARKER).read_text().strip())
+        except (OSError, ValueError):
+            continue  # not started by a geoseg run (e.g. `ray start`): not ours to touch
+        if process_alive(driver):
+            continue
+        for pid in _holders(session):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        remove_session(session)
+        log.info("removed the Ray session %s left by a killed geoseg run (pid %d)", session, driver)
+        swept.append(session)
+    return swept

@@ -1,0 +1,499 @@
+"""``geoseg train``: GeoTIFFs + labels -> a model directory that ``geoseg run`` loads as it is.
+
+Steps: read each scene (and its labels) into memory, split it into train and held-out parts
+(whole scenes, or a band of rows), cut chips with ``geoseg.raster.grid.plan_tiles`` and pad them as the
+predictor does, build targets (class per pixel; or body / border / contact from polygons), train
+on Ray Train (``TorchTrainer``, one worker, a GPU when there is one), then score the held-out part
+with sliding-window inference over the same tiling and write ``config.json`` +
+``model.safetensors`` (fp16) + ``geoseg.json`` (input contract and metrics).
+
+Training scenes are meant to be small (they are held in memory): chip a large raster first.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from geoseg.core.config import ModelConfig
+from geoseg.core.contract import resolve, save_contract
+from geoseg.raster.grid import padded_size, plan_tiles
+from geoseg.train.config import TrainConfig
+from geoseg.train.data import Scene, _open, fit_normalize, holdout_rows, load_scene, make_chips
+from geoseg.train.evaluate import IGNORE, confusion, match_instances, semantic_scores
+
+log = logging.getLogger("geoseg.train.fit")
+
+
+# -------------------------------------------------------------------------------------- training
+
+
+def _head_spec(cfg: TrainConfig, normalize: Any) -> ModelConfig:
+    return ModelConfig.model_validate(
+        {
+            "task": cfg.task,
+            "classes": cfg.classes,
+            "colors": cfg.colors,
+            "bands": list(range(1, len(cfg.bands) + 1)),
+            "normalize": normalize,
+            "channels": cfg.channels,
+            "factory": "geoseg.train.fit:_unused",
+            **cfg.postprocess,
+        }
+    )
+
+
+def _loss(
+    logits: torch.Tensor,
+    y: torch.Tensor,
+    valid: torch.Tensor,
+    task: str,
+    class_weights: torch.Tensor | None = None,
+    dice: bool = False,
+) -> torch.Tensor:
+    if task == "semantic":
+        y = torch.where(valid, y.long(), torch.full_like(y.long(), IGNORE))
+        ce = torch.nn.functional.cross_entropy(logits, y, weight=class_weights, ignore_index=IGNORE)
+        if not dice:
+            return ce
+        # Soft dice per class over the batch (labelled pixels only): what IoU rewards, for every
+        # class alike however few its pixels.
+        v = valid[:, None].float()
+        p = torch.softmax(logits, 1) * v
+        t = torch.nn.functional.one_hot(torch.where(valid, y, 0), logits.shape[1]).permute(0, 3, 1, 2).float() * v
+        dims = (0, 2, 3)
+        present = t.sum(dims) > 0
+        d = 1 - (2 * (p * t).sum(dims) + 1) / (p.sum(dims) + t.sum(dims) + 1)
+        return ce + (d[present].mean() if present.any() else 0.0)
+    v = valid[:, None].float()
+    yf = y.float()
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, yf, reduction="none")
+    bce = (bce * v).sum() / v.sum().clamp(min=1) / logits.shape[1]
+    # Soft dice per channel: border and contact are a few per cent of the pixels, BCE alone
+    # learns to leave them out.
+    p = torch.sigmoid(logits) * v
+    t = yf * v
+    dims = (0, 2, 3)
+    dice = 1 - (2 * (p * t).sum(dims) + 1) / (p.sum(dims) + t.sum(dims) + 1)
+    return bce + dice.mean()
+
+
+def _augment(*tensors: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+    k = int(torch.randint(0, 4, (1,), generator=gen))
+    flip = bool(torch.randint(0, 2, (1,), generator=gen))
+    out = []
+    for t in tensors:
+        t = torch.rot90(t, k, dims=(-2, -1))
+        out.append(torch.flip(t, dims=(-1,)) if flip else t)
+    return tuple(out)
+
+
+def train_loop(loop_cfg: dict[str, Any]) -> None:
+    """Ray Train worker: chips from the object store -> AdamW + one-cycle -> state dict checkpoint."""
+    import os
+
+    import ray
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+
+    from geoseg.models.forward import mask_invalid, normalize
+    from geoseg.models.load import create_smp
+
+    torch.manual_seed(loop_cfg["seed"])
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(loop_cfg["threads"])
+    chips = ray.get(loop_cfg["chips"])
+    spec = ModelConfig.model_validate(loop_cfg["spec"])
+    arch = loop_cfg["arch"]
+    model = create_smp("train", arch["arch"], arch["encoder"], len(spec.bands), spec.out_channels, arch["arch_params"])
+    model = ray.train.torch.prepare_model(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=loop_cfg["lr"], weight_decay=loop_cfg["weight_decay"])
+    steps = loop_cfg["steps"]
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=loop_cfg["lr"], total_steps=steps, pct_start=0.15)
+    x_all = torch.from_numpy(chips["x"])  # raster dtype; a batch at a time becomes float32
+    y_all, v_all = torch.from_numpy(chips["y"]), torch.from_numpy(chips["valid"])
+    iv_all = torch.from_numpy(chips["image_valid"])
+    cw = loop_cfg.get("class_weights")
+    class_weights = torch.tensor(cw, dtype=torch.float32, device=device) if cw else None
+    weights = torch.from_numpy(chips["weights"]).double()
+    gen = torch.Generator().manual_seed(loop_cfg["seed"] + ray.train.get_context().get_world_rank())
+    bs = loop_cfg["batch_size"]
+    jitter = float(loop_cfg.get("color_jitter") or 0.0)
+    model.train()
+    losses: list[float] = []
+    use_amp = device.type == "cuda"
+    for step in range(steps):
+        idx = torch.multinomial(weights, bs, replacement=True, generator=gen)
+        x, y, v, iv = _augment(x_all[idx], y_all[idx], v_all[idx], iv_all[idx], gen=gen)
+        x, y, v, iv = x.to(device), y.to(device), v.to(device), iv.to(device)
+        x = normalize(x.float(), spec)
+        if jitter > 0:
+            b, c = x.shape[:2]
+            gain = 1 + jitter * torch.randn((b, c, 1, 1), generator=gen).to(device)
+            x = x * gain + jitter * torch.randn((b, c, 1, 1), generator=gen).to(device)
+        x = mask_invalid(x, iv)
+        if use_amp:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            logits = model(x)
+        loss = _loss(logits.float(), y, v, spec.task, class_weights, loop_cfg.get("dice", False))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(float(loss))
+        if (step + 1) % max(1, steps // 10) == 0 and ray.train.get_context().get_world_rank() == 0:
+            print(f"step {step + 1}/{steps} loss {np.mean(losses[-20:]):.4f}", flush=True)
+    metrics = {"train_loss": round(float(np.mean(losses[-20:])), 5), "steps": steps}
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if ray.train.get_context().get_world_rank() == 0:
+            net = getattr(model, "module", model)
+            torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, os.path.join(tmp, "state.pt"))
+            checkpoint = Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _fit(
+    cfg: TrainConfig, spec: ModelConfig, chips: dict[str, np.ndarray], storage: Path
+) -> tuple[dict[str, Any], dict]:
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if cfg.task == "instance":
+        positive = chips["y"][:, 0].reshape(len(chips["y"]), -1).any(1)
+        chips["weights"] = np.where(positive, cfg.train.positive_weight, 1.0)
+    else:
+        chips["weights"] = np.ones(len(chips["x"]))
+    class_weights = None
+    if cfg.task == "semantic" and cfg.train.class_weighting == "inverse_sqrt":
+        counts = np.array([((chips["y"] == k) & chips["valid"]).sum() for k in range(len(cfg.classes))], np.float64)
+        w = np.where(counts > 0, 1.0 / np.sqrt(np.maximum(counts, 1)), 0.0)
+        class_weights = [round(float(v), 6) for v in w / w[w > 0].mean()]
+    use_gpu = torch.cuda.is_available()
+    loop_cfg = {
+        "chips": ray.put(chips),
+        "spec": spec.model_dump(),
+        "arch": cfg.model.model_dump(),
+        "steps": cfg.train.steps,
+        "batch_size": cfg.train.batch_size,
+        "lr": cfg.train.lr,
+        "weight_decay": cfg.train.weight_decay,
+        "seed": cfg.train.seed,
+        "threads": cfg.train.threads,
+        "class_weights": class_weights,
+        "color_jitter": cfg.train.color_jitter,
+        "dice": cfg.train.dice,
+    }
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=loop_cfg,
+        scaling_config=ScalingConfig(
+            num_workers=cfg.train.num_workers, use_gpu=use_gpu, resources_per_worker=None if use_gpu else {"CPU": 1}
+        ),
+        run_config=RunConfig(storage_path=str(storage), name=cfg.name),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    assert result.checkpoint is not None
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
+    return dict(result.metrics or {}), state
+
+
+# ------------------------------------------------------------------------------------ evaluation
+
+
+@torch.inference_mode()
+def predict_region(
+    model: torch.nn.Module,
+    spec: ModelConfig,
+    image: np.ndarray,
+    tile_size: int,
+    halo: int,
+    tta: str = "none",
+    valid: np.ndarray | None = None,
+) -> np.ndarray:
+    """Sliding-window probabilities (K x H x W float32) over an in-memory image, tiled and padded
+    exactly as ``geoseg run`` tiles and pads a raster."""
+    from geoseg.models.forward import WIDEN, mask_invalid, normalize, predict_probs
+    from geoseg.raster.grid import pad_to_square
+
+    _, h, w = image.shape
+    side = padded_size(tile_size, halo)
+    out = np.zeros((spec.out_channels, h, w), dtype=np.float32)
+    for tile in plan_tiles(w, h, tile_size, halo):
+        win = image[
+            :,
+            int(tile.read.row_off) : int(tile.read.row_off + tile.read.height),
+            int(tile.read.col_off) : int(tile.read.col_off + tile.read.width),
+        ]
+        arr = pad_to_square(win, tile, halo, side)
+        arr = arr.astype(WIDEN.get(arr.dtype, arr.dtype), copy=False)
+        x = normalize(torch.from_numpy(np.ascontiguousarray(arr))[None].float(), spec)
+        if valid is not None:
+            vwin = valid[
+                int(tile.read.row_off) : int(tile.read.row_off + tile.read.height),
+                int(tile.read.col_off) : int(tile.read.col_off + tile.read.width),
+            ]
+            if not vwin.any():
+                continue  # no imagery: nothing to predict (the run writes nodata there)
+            x = mask_invalid(x, torch.from_numpy(pad_to_square(vwin[None], tile, halo, side))) if not vwin.all() else x
+        probs = predict_probs(model, x, spec, tta)[0].numpy()
+        r0, c0 = int(tile.core.row_off), int(tile.core.col_off)
+        hh, ww = int(tile.core.height), int(tile.core.width)
+        out[:, r0 : r0 + hh, c0 : c0 + ww] = probs[:, halo : halo + hh, halo : halo + ww]
+    return out
+
+
+def evaluate(cfg: TrainConfig, spec: ModelConfig, model: torch.nn.Module, scenes: list[Scene]) -> dict[str, Any]:
+    """Held-out scores, over all held-out places and per place (``places``): pixel IoU per class
+    (semantic) or object P/R/F1 at IoU ``eval_iou`` and body IoU (instance). Objects and pixels
+    count only where the image has data (its mask)."""
+    from geoseg.models.decode import decode_instances
+    from geoseg.train.evaluate import prf
+
+    model = model.eval()
+    n = len(cfg.classes)
+    acc: dict[str, dict[str, Any]] = {}
+    for s in scenes:
+        if s.spec.split == "train":
+            continue
+        a = acc.setdefault(
+            s.place,
+            {
+                "cm": np.zeros((n, n + 1), np.int64),
+                "body": np.zeros((2, 3), np.int64),
+                "tp": 0,
+                "pred": 0,
+                "truth": 0,
+                "pixels": 0,
+                "scenes": 0,
+            },
+        )
+        rows = holdout_rows(s)
+        image, target, valid = s.image[:, rows], s.target[rows], s.valid[rows]
+        a["pixels"] += int(valid.sum())
+        a["scenes"] += 1
+        probs = predict_region(model, spec, image, cfg.eval_tile_size, cfg.eval_halo, valid=valid)
+        if cfg.task == "semantic":
+            a["cm"] += confusion(probs.argmax(0), target, n, valid)
+        else:
+            a["body"] += confusion(
+                (probs[0] > spec.threshold).astype(np.uint8), (target > 0).astype(np.uint8), 2, valid
+            )
+            labels = decode_instances((probs * 255).round().astype(np.uint8), valid, spec)
+            if spec.min_area_m2 > 0:  # as the run's export drops them (area on the ground)
+                sizes = np.bincount(labels.ravel()) * _pixel_m(cfg, s) ** 2
+                labels = np.where(sizes[labels] >= spec.min_area_m2, labels, 0)
+            truth = np.where(valid, target, 0)
+            m = match_instances(labels, truth, cfg.eval_iou)
+            a["tp"], a["pred"], a["truth"] = a["tp"] + m["matched"], a["pred"] + m["predicted"], a["truth"] + m["truth"]
+
+    def scores(a: dict[str, Any]) -> dict[str, Any]:
+        if cfg.task == "semantic":
+            return {"pixels": a["pixels"], **semantic_scores(a["cm"], cfg.classes)}
+        body = semantic_scores(a["body"], ["background", cfg.classes[0]])
+        return {
+            "pixels": a["pixels"],
+            "objects": prf(a["tp"], a["pred"], a["truth"], cfg.eval_iou),
+            "body_iou": body["iou"][cfg.classes[0]],
+        }
+
+    total = {
+        "cm": sum(a["cm"] for a in acc.values()),
+        "body": sum(a["body"] for a in acc.values()),
+        **{k: sum(a[k] for a in acc.values()) for k in ("tp", "pred", "truth", "pixels")},
+    }
+    out = {"split": "held-out", **scores(total)}
+    if len(acc) > 1 or any(s.spec.place for s in scenes if s.spec.split != "train"):
+        out["places"] = {place: {"scenes": a["scenes"], **scores(a)} for place, a in sorted(acc.items())}
+    return out
+
+
+def _pixel_m(cfg: TrainConfig, s: Scene) -> float:
+    """Ground size (m) of a pixel of a scene as held in memory."""
+    if cfg.resample_m is not None:
+        return cfg.resample_m
+    if s.spec.pixel_size_m is not None:
+        return s.spec.pixel_size_m
+    from geoseg.core.contract import scene_gsd_m
+
+    h, w = s.valid.shape
+    return scene_gsd_m(s.crs.to_wkt(), s.transform, w, h)
+
+
+# ------------------------------------------------------------------------------------ model dir
+
+
+def _contract(cfg: TrainConfig, spec: ModelConfig, scenes: list[Scene], dtype: str) -> dict[str, Any]:
+    from geoseg.core.contract import scene_gsd_m
+
+    first = scenes[0]
+    gsd = cfg.gsd_m if cfg.gsd_m is not None else cfg.resample_m
+    if gsd is None:
+        h, w = first.valid.shape
+        gsd = float(f"{scene_gsd_m(first.crs.to_wkt(), first.transform, w, h):.3g}")
+    contract: dict[str, Any] = {
+        "name": cfg.name,
+        "task": cfg.task,
+        "classes": cfg.classes,
+        "colors": cfg.colors,
+        "bands": list(cfg.bands),
+        "input": {"count": _source_count(cfg, first), "names": cfg.band_names, "dtype": dtype, "gsd_m": gsd},
+        "normalize": spec.normalize
+        if isinstance(spec.normalize, str)
+        else spec.normalize.model_dump(exclude_none=True, exclude_defaults=True),
+        "trained_on": trained_on(cfg, scenes),
+    }
+    if cfg.task == "instance":
+        contract["channels"] = cfg.channels
+    contract.update(cfg.postprocess)
+    return {k: v for k, v in contract.items() if v is not None}
+
+
+def trained_on(cfg: TrainConfig, scenes: list[Scene]) -> dict[str, str]:
+    """The contract's ``trained_on``: ``synthetic`` when every training scene is a ``geoseg synth``
+    scene (generated here, or a file carrying its tag), else ``real``; ``source`` is the config's ``data``."""
+    from geoseg.raster.read import is_synthetic
+
+    def synthetic(scene: Scene) -> bool:
+        if scene.spec.synth is not None:
+            return True
+        images = [scene.spec.image] if isinstance(scene.spec.image, str) else list(scene.spec.image or [])
+        for image in images:
+            with _open(resolve(image, cfg.base_dir)) as ds:
+                if not is_synthetic(ds.tags()):
+                    return False
+        return bool(images)
+
+    training = [s for s in scenes if s.spec.split != "holdout"]
+    imagery = "synthetic" if all(synthetic(s) for s in training) else "real"
+    source = cfg.data or (
+        "`geoseg synth` scenes"
+        if imagery == "synthetic"
+        else ", ".join(sorted({s.name.split(":", 1)[-1] for s in training}))
+    )
+    return {"imagery": imagery, "source": source}
+
+
+def _source_count(cfg: TrainConfig, scene: Scene) -> int | None:
+    if scene.spec.synth is not None:
+        return 3
+    images = [scene.spec.image] if isinstance(scene.spec.image, str) else list(scene.spec.image or [])
+    if len(images) != 1:
+        return None  # stacked from several files: the run reads a stack (VRT) built the same way
+    with _open(resolve(images[0], cfg.base_dir)) as ds:
+        return int(ds.count)
+
+
+def write_model_dir(out: Path, cfg: TrainConfig, state: dict[str, torch.Tensor], contract: dict[str, Any]) -> Path:
+    """``config.json`` + ``model.safetensors`` (fp16) via smp's save_pretrained, and ``geoseg.json``."""
+    from geoseg.models.load import create_smp
+
+    model = create_smp(
+        cfg.name, cfg.model.arch, cfg.model.encoder, len(cfg.bands), cfg.out_channels, cfg.model.arch_params
+    )
+    model.load_state_dict(state)
+    tmp = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.half().save_pretrained(str(tmp))
+    (tmp / "README.md").unlink(missing_ok=True)  # smp's card claims an MIT licence; geoseg.json is the card
+    save_contract(tmp, contract)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def load_trained(out: Path, name: str = "model") -> tuple[ModelConfig, torch.nn.Module]:
+    """Load a model directory as ``geoseg run`` does (contract defaults, smp weights)."""
+    from geoseg.core.config import config_from_dict
+    from geoseg.models.load import build_model
+
+    config = config_from_dict({"models": {name: {"weights": str(out.resolve())}}})
+    spec = config.models[name]
+    return spec, build_model(name, spec, config.base_dir)
+
+
+def train(cfg: TrainConfig, evaluate_only: bool = False, address: str | None = None) -> dict[str, Any]:
+    """Train (or, with ``evaluate_only``, re-score the existing model) and return the contract."""
+    started = time.monotonic()
+    out = resolve(cfg.out, cfg.base_dir)
+    with tempfile.TemporaryDirectory(prefix="geoseg-train-") as tmp:
+        work = Path(tmp)
+        scenes = [load_scene(cfg, s, work, i) for i, s in enumerate(cfg.scenes)]
+        dtype = str(np.result_type(*[s.image.dtype for s in scenes]))
+        if evaluate_only:
+            spec, model = load_trained(out)
+            metrics = evaluate(cfg, spec, model, scenes)
+            contract = json.loads((out / "geoseg.json").read_text())
+            return {**contract, "metrics": metrics}
+        normalize = fit_normalize(cfg, scenes)
+        spec = _head_spec(cfg, normalize)
+        chips = make_chips(cfg, scenes)
+        log.info("%s: %d chips of %d px from %d scene(s)", cfg.name, len(chips["x"]), chips["x"].shape[-1], len(scenes))
+        from geoseg.runner.local_ray import ensure_ray
+
+        ensure_ray(address)
+        fit_metrics, state = _fit(cfg, spec, chips, work / "ray")
+        contract = _contract(cfg, spec, scenes, dtype)
+        contract["training"] = {
+            "config": cfg.name,
+            "arch": cfg.model.model_dump(),
+            "chips": int(len(chips["x"])),
+            "chip_px": int(chips["x"].shape[-1]),
+            "steps": cfg.train.steps,
+            "batch_size": cfg.train.batch_size,
+            "train_loss": fit_metrics.get("train_loss"),
+            "device": "cuda" if torch.cuda.is_available() else "cpu",
+            "seconds": round(time.monotonic() - started, 1),
+        }
+        if cfg.data:
+            contract["data"] = cfg.data
+        if cfg.licence:
+            contract["licence"] = cfg.licence
+        write_model_dir(out, cfg, state, contract)
+        spec_loaded, model = load_trained(out)  # score what was written (fp16 weights), as run loads it
+        contract["metrics"] = evaluate(cfg, spec_loaded, model, scenes)
+        contract["size_bytes"] = sum(f.stat().st_size for f in out.iterdir())
+        save_contract(out, {k: v for k, v in contract.items() if k != "geoseg_contract"})
+        return contract
+
+
+def summary_lines(contract: dict[str, Any]) -> list[str]:
+    """Human lines for the held-out metrics of a contract: all held-out places, then each place."""
+    m = contract.get("metrics") or {}
+
+    def line(m: dict[str, Any]) -> str:
+        if "iou" in m:
+            per = ", ".join(f"{c} {v:.3f}" if v is not None else f"{c} -" for c, v in m["iou"].items())
+            return f"mean IoU {m['mean_iou']}, pixel accuracy {m['pixel_accuracy']} ({per})"
+        o = m["objects"]
+        return (
+            f"objects: {o['predicted']} predicted / {o['truth']} true, precision {o['precision']:.3f}, "
+            f"recall {o['recall']:.3f}, F1 {o['f1']:.3f} at IoU {o.get('iou_threshold', 0.5)}; "
+            f"body IoU {m['body_iou']}"
+        )
+
+    if "iou" not in m and "objects" not in m:
+        return []
+    lines = [f"held-out {line(m)}"]
+    for place, pm in (m.get("places") or {}).items():
+        lines.append(f"  {place}: {line(pm)}")
+    return lines
+
+
+__all__ = ["train", "evaluate", "predict_region", "write_model_dir", "load_trained", "summary_lines"]
