@@ -89,7 +89,7 @@ def test_imagery_warning_names_the_models_and_the_real_inputs():
 def test_train_records_synthetic_or_real(tmp_path):
     """``geoseg train`` writes trained_on: synthetic for geoseg synth scenes (generated or tagged files)."""
     from geoseg.train.config import load_train_config
-    from geoseg.train.fit import trained_on
+    from geoseg.train.model_dir import trained_on
     from geoseg.train.synth import write_scene
 
     cfg = load_train_config(REPO / "configs" / "train" / "synth-ships.yaml")

@@ -230,7 +230,7 @@ def test_collection_leaves_out_scenes_without_a_usable_item(tmp_path, config):
     """A scene without an Item (published by an older geoseg) or with a broken one is left out; with
     no Item at all no collection.json is written."""
     from geoseg.core.storage import OutputStore
-    from geoseg.outputs.stac import write_collection
+    from geoseg.outputs.stac_collection import write_collection
 
     out = tmp_path / "out"
     store = OutputStore(out)

@@ -14,14 +14,8 @@ import rasterio
 from rasterio.transform import from_origin
 
 from geoseg.core.errors import InputError, OutputError
-from geoseg.core.storage import (
-    OutputStore,
-    apply_storage_env,
-    gdal_path,
-    is_s3,
-    list_rasters,
-    storage_env,
-)
+from geoseg.core.s3 import apply_storage_env, gdal_path, is_s3, list_rasters, storage_env
+from geoseg.core.storage import OutputStore
 
 
 def _s3():

@@ -21,7 +21,7 @@ import numpy as np
 import rasterio
 from rasterio.enums import Resampling
 
-from geoseg.core.storage import gdal_path
+from geoseg.core.s3 import gdal_path
 from geoseg.outputs.styles import hex_rgb, layer_symbols
 
 QUICKLOOK_SIZE = 1024  # pixels on the longest side (never more than the raster's own)

@@ -21,7 +21,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from geoseg.core.errors import InputError
-from geoseg.core.storage import RASTER_SUFFIXES, file_fingerprint, is_s3, list_rasters
+from geoseg.core.s3 import RASTER_SUFFIXES, file_fingerprint, is_s3, list_rasters
 from geoseg.raster.stac_input import is_stac, item_fingerprint, read_items
 
 # Names the run itself writes at the top of --out (see geoseg.outputs.records); a scene may not take them.

@@ -17,7 +17,7 @@ from affine import Affine
 from rasterio.errors import RasterioIOError
 
 from geoseg.core.errors import InputError
-from geoseg.core.storage import gdal_path
+from geoseg.core.s3 import gdal_path
 from geoseg.raster.discover import output_name
 from geoseg.raster.grid import Tile
 from geoseg.raster.stac_input import ITEM_SEPARATOR, LINEAGE_PROPERTIES, item_vrt, load_item

@@ -26,7 +26,7 @@ import rasterio
 from rasterio.errors import RasterioIOError
 
 from geoseg.core.errors import InputError
-from geoseg.core.storage import file_fingerprint, gdal_path
+from geoseg.core.s3 import file_fingerprint, gdal_path
 
 ITEM_SEPARATOR = "#"
 

@@ -29,7 +29,8 @@ import ray
 from geoseg.core.config import Config
 from geoseg.core.contract import check_scene, imagery_warning
 from geoseg.core.errors import GeosegError, InputError
-from geoseg.core.storage import OutputStore, storage_env
+from geoseg.core.s3 import storage_env
+from geoseg.core.storage import OutputStore
 from geoseg.outputs.quicklook import legend
 from geoseg.outputs.records import (
     config_fingerprint,
@@ -44,7 +45,7 @@ from geoseg.outputs.records import (
     write_run_record,
 )
 from geoseg.outputs.report import write_report
-from geoseg.outputs.stac import write_collection
+from geoseg.outputs.stac_collection import write_collection
 from geoseg.raster.discover import FoundInput, clashes, find_inputs, input_fingerprint
 from geoseg.raster.read import SceneInfo, inspect_scene, stac_scene
 from geoseg.raster.stac_input import is_stac

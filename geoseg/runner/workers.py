@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from geoseg.core.config import Config
 from geoseg.core.errors import GeosegError, InputError
-from geoseg.core.storage import apply_storage_env
+from geoseg.core.s3 import apply_storage_env
 from geoseg.raster.grid import Tile
 
 if TYPE_CHECKING:

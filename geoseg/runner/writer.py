@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from geoseg.core.config import Config
-from geoseg.core.storage import OutputStore, apply_storage_env
+from geoseg.core.s3 import apply_storage_env
+from geoseg.core.storage import OutputStore
 from geoseg.core.units import GroundScale
 from geoseg.models.postprocess import TileResult
 from geoseg.outputs.scene import SceneJob

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -25,10 +24,11 @@ import torch
 
 from geoseg.core.config import ModelConfig
 from geoseg.core.contract import resolve, save_contract
-from geoseg.raster.grid import padded_size, plan_tiles
 from geoseg.train.config import TrainConfig
-from geoseg.train.data import Scene, _open, fit_normalize, holdout_rows, load_scene, make_chips
-from geoseg.train.evaluate import IGNORE, confusion, match_instances, semantic_scores
+from geoseg.train.data import fit_normalize, load_scene, make_chips
+from geoseg.train.evaluate import IGNORE
+from geoseg.train.model_dir import load_trained, model_contract, write_model_dir
+from geoseg.train.score import evaluate
 
 log = logging.getLogger("geoseg.train.fit")
 
@@ -213,221 +213,6 @@ def _fit(
     return dict(result.metrics or {}), state
 
 
-# ------------------------------------------------------------------------------------ evaluation
-
-
-@torch.inference_mode()
-def predict_region(
-    model: torch.nn.Module,
-    spec: ModelConfig,
-    image: np.ndarray,
-    tile_size: int,
-    halo: int,
-    tta: str = "none",
-    valid: np.ndarray | None = None,
-) -> np.ndarray:
-    """Sliding-window probabilities (K x H x W float32) over an in-memory image, tiled and padded
-    exactly as ``geoseg run`` tiles and pads a raster."""
-    from geoseg.models.forward import WIDEN, mask_invalid, normalize, predict_probs
-    from geoseg.raster.grid import pad_to_square
-
-    _, h, w = image.shape
-    side = padded_size(tile_size, halo)
-    out = np.zeros((spec.out_channels, h, w), dtype=np.float32)
-    for tile in plan_tiles(w, h, tile_size, halo):
-        win = image[
-            :,
-            int(tile.read.row_off) : int(tile.read.row_off + tile.read.height),
-            int(tile.read.col_off) : int(tile.read.col_off + tile.read.width),
-        ]
-        arr = pad_to_square(win, tile, halo, side)
-        arr = arr.astype(WIDEN.get(arr.dtype, arr.dtype), copy=False)
-        x = normalize(torch.from_numpy(np.ascontiguousarray(arr))[None].float(), spec)
-        if valid is not None:
-            vwin = valid[
-                int(tile.read.row_off) : int(tile.read.row_off + tile.read.height),
-                int(tile.read.col_off) : int(tile.read.col_off + tile.read.width),
-            ]
-            if not vwin.any():
-                continue  # no imagery: nothing to predict (the run writes nodata there)
-            x = mask_invalid(x, torch.from_numpy(pad_to_square(vwin[None], tile, halo, side))) if not vwin.all() else x
-        probs = predict_probs(model, x, spec, tta)[0].numpy()
-        r0, c0 = int(tile.core.row_off), int(tile.core.col_off)
-        hh, ww = int(tile.core.height), int(tile.core.width)
-        out[:, r0 : r0 + hh, c0 : c0 + ww] = probs[:, halo : halo + hh, halo : halo + ww]
-    return out
-
-
-def evaluate(cfg: TrainConfig, spec: ModelConfig, model: torch.nn.Module, scenes: list[Scene]) -> dict[str, Any]:
-    """Held-out scores, over all held-out places and per place (``places``): pixel IoU per class
-    (semantic) or object P/R/F1 at IoU ``eval_iou`` and body IoU (instance). Objects and pixels
-    count only where the image has data (its mask)."""
-    from geoseg.models.decode import decode_instances
-    from geoseg.train.evaluate import prf
-
-    model = model.eval()
-    n = len(cfg.classes)
-    acc: dict[str, dict[str, Any]] = {}
-    for s in scenes:
-        if s.spec.split == "train":
-            continue
-        a = acc.setdefault(
-            s.place,
-            {
-                "cm": np.zeros((n, n + 1), np.int64),
-                "body": np.zeros((2, 3), np.int64),
-                "tp": 0,
-                "pred": 0,
-                "truth": 0,
-                "pixels": 0,
-                "scenes": 0,
-            },
-        )
-        rows = holdout_rows(s)
-        image, target, valid = s.image[:, rows], s.target[rows], s.valid[rows]
-        a["pixels"] += int(valid.sum())
-        a["scenes"] += 1
-        probs = predict_region(model, spec, image, cfg.eval_tile_size, cfg.eval_halo, valid=valid)
-        if cfg.task == "semantic":
-            a["cm"] += confusion(probs.argmax(0), target, n, valid)
-        else:
-            a["body"] += confusion(
-                (probs[0] > spec.threshold).astype(np.uint8), (target > 0).astype(np.uint8), 2, valid
-            )
-            labels = decode_instances((probs * 255).round().astype(np.uint8), valid, spec)
-            if spec.min_area_m2 > 0:  # as the run's export drops them (area on the ground)
-                sizes = np.bincount(labels.ravel()) * _pixel_m(cfg, s) ** 2
-                labels = np.where(sizes[labels] >= spec.min_area_m2, labels, 0)
-            truth = np.where(valid, target, 0)
-            m = match_instances(labels, truth, cfg.eval_iou)
-            a["tp"], a["pred"], a["truth"] = a["tp"] + m["matched"], a["pred"] + m["predicted"], a["truth"] + m["truth"]
-
-    def scores(a: dict[str, Any]) -> dict[str, Any]:
-        if cfg.task == "semantic":
-            return {"pixels": a["pixels"], **semantic_scores(a["cm"], cfg.classes)}
-        body = semantic_scores(a["body"], ["background", cfg.classes[0]])
-        return {
-            "pixels": a["pixels"],
-            "objects": prf(a["tp"], a["pred"], a["truth"], cfg.eval_iou),
-            "body_iou": body["iou"][cfg.classes[0]],
-        }
-
-    total = {
-        "cm": sum(a["cm"] for a in acc.values()),
-        "body": sum(a["body"] for a in acc.values()),
-        **{k: sum(a[k] for a in acc.values()) for k in ("tp", "pred", "truth", "pixels")},
-    }
-    out = {"split": "held-out", **scores(total)}
-    if len(acc) > 1 or any(s.spec.place for s in scenes if s.spec.split != "train"):
-        out["places"] = {place: {"scenes": a["scenes"], **scores(a)} for place, a in sorted(acc.items())}
-    return out
-
-
-def _pixel_m(cfg: TrainConfig, s: Scene) -> float:
-    """Ground size (m) of a pixel of a scene as held in memory."""
-    if cfg.resample_m is not None:
-        return cfg.resample_m
-    if s.spec.pixel_size_m is not None:
-        return s.spec.pixel_size_m
-    from geoseg.core.contract import scene_gsd_m
-
-    h, w = s.valid.shape
-    return scene_gsd_m(s.crs.to_wkt(), s.transform, w, h)
-
-
-# ------------------------------------------------------------------------------------ model dir
-
-
-def _contract(cfg: TrainConfig, spec: ModelConfig, scenes: list[Scene], dtype: str) -> dict[str, Any]:
-    from geoseg.core.contract import scene_gsd_m
-
-    first = scenes[0]
-    gsd = cfg.gsd_m if cfg.gsd_m is not None else cfg.resample_m
-    if gsd is None:
-        h, w = first.valid.shape
-        gsd = float(f"{scene_gsd_m(first.crs.to_wkt(), first.transform, w, h):.3g}")
-    contract: dict[str, Any] = {
-        "name": cfg.name,
-        "task": cfg.task,
-        "classes": cfg.classes,
-        "colors": cfg.colors,
-        "bands": list(cfg.bands),
-        "input": {"count": _source_count(cfg, first), "names": cfg.band_names, "dtype": dtype, "gsd_m": gsd},
-        "normalize": spec.normalize
-        if isinstance(spec.normalize, str)
-        else spec.normalize.model_dump(exclude_none=True, exclude_defaults=True),
-        "trained_on": trained_on(cfg, scenes),
-    }
-    if cfg.task == "instance":
-        contract["channels"] = cfg.channels
-    contract.update(cfg.postprocess)
-    return {k: v for k, v in contract.items() if v is not None}
-
-
-def trained_on(cfg: TrainConfig, scenes: list[Scene]) -> dict[str, str]:
-    """The contract's ``trained_on``: ``synthetic`` when every training scene is a ``geoseg synth``
-    scene (generated here, or a file carrying its tag), else ``real``; ``source`` is the config's ``data``."""
-    from geoseg.raster.read import is_synthetic
-
-    def synthetic(scene: Scene) -> bool:
-        if scene.spec.synth is not None:
-            return True
-        images = [scene.spec.image] if isinstance(scene.spec.image, str) else list(scene.spec.image or [])
-        for image in images:
-            with _open(resolve(image, cfg.base_dir)) as ds:
-                if not is_synthetic(ds.tags()):
-                    return False
-        return bool(images)
-
-    training = [s for s in scenes if s.spec.split != "holdout"]
-    imagery = "synthetic" if all(synthetic(s) for s in training) else "real"
-    source = cfg.data or (
-        "`geoseg synth` scenes"
-        if imagery == "synthetic"
-        else ", ".join(sorted({s.name.split(":", 1)[-1] for s in training}))
-    )
-    return {"imagery": imagery, "source": source}
-
-
-def _source_count(cfg: TrainConfig, scene: Scene) -> int | None:
-    if scene.spec.synth is not None:
-        return 3
-    images = [scene.spec.image] if isinstance(scene.spec.image, str) else list(scene.spec.image or [])
-    if len(images) != 1:
-        return None  # stacked from several files: the run reads a stack (VRT) built the same way
-    with _open(resolve(images[0], cfg.base_dir)) as ds:
-        return int(ds.count)
-
-
-def write_model_dir(out: Path, cfg: TrainConfig, state: dict[str, torch.Tensor], contract: dict[str, Any]) -> Path:
-    """``config.json`` + ``model.safetensors`` (fp16) via smp's save_pretrained, and ``geoseg.json``."""
-    from geoseg.models.load import create_smp
-
-    model = create_smp(
-        cfg.name, cfg.model.arch, cfg.model.encoder, len(cfg.bands), cfg.out_channels, cfg.model.arch_params
-    )
-    model.load_state_dict(state)
-    tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.half().save_pretrained(str(tmp))
-    (tmp / "README.md").unlink(missing_ok=True)  # smp's card claims an MIT licence; geoseg.json is the card
-    save_contract(tmp, contract)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
-
-
-def load_trained(out: Path, name: str = "model") -> tuple[ModelConfig, torch.nn.Module]:
-    """Load a model directory as ``geoseg run`` does (contract defaults, smp weights)."""
-    from geoseg.core.config import config_from_dict
-    from geoseg.models.load import build_model
-
-    config = config_from_dict({"models": {name: {"weights": str(out.resolve())}}})
-    spec = config.models[name]
-    return spec, build_model(name, spec, config.base_dir)
-
-
 def train(cfg: TrainConfig, evaluate_only: bool = False, address: str | None = None) -> dict[str, Any]:
     """Train (or, with ``evaluate_only``, re-score the existing model) and return the contract."""
     started = time.monotonic()
@@ -449,7 +234,7 @@ def train(cfg: TrainConfig, evaluate_only: bool = False, address: str | None = N
 
         ensure_ray(address)
         fit_metrics, state = _fit(cfg, spec, chips, work / "ray")
-        contract = _contract(cfg, spec, scenes, dtype)
+        contract = model_contract(cfg, spec, scenes, dtype)
         contract["training"] = {
             "config": cfg.name,
             "arch": cfg.model.model_dump(),
@@ -494,6 +279,3 @@ def summary_lines(contract: dict[str, Any]) -> list[str]:
     for place, pm in (m.get("places") or {}).items():
         lines.append(f"  {place}: {line(pm)}")
     return lines
-
-
-__all__ = ["train", "evaluate", "predict_region", "write_model_dir", "load_trained", "summary_lines"]
