@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 # pyproject.toml keeps a range so a cluster's own torch serves.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test check bench clean
 
 install: $(STAMP)
 
@@ -21,8 +21,17 @@ $(STAMP): pyproject.toml
 demo: install
 	$(BIN)/python -m geoseg.demo
 
+# The import contracts (pyproject.toml, [tool.importlinter]) are part of the tests.
 test: install
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest
+
+# Style, types and the direction of imports; .ci/run and the pre-commit hooks run the same.
+check: install
+	$(BIN)/ruff check geoseg tests bench jobs
+	$(BIN)/ruff format --check geoseg tests bench jobs
+	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 
 bench: install
 	$(BIN)/python -m bench.run --out bench/results.json
