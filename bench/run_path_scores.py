@@ -56,7 +56,7 @@ def buildings(work: Path) -> dict[str, Any]:
 
     from geoseg.core.config import config_from_dict
     from geoseg.runner.pipeline import run
-    from geoseg.train.evaluate import match_polygons, on_imagery
+    from geoseg.train.evaluate import distinct_outlines, match_polygons, on_imagery
 
     image = SHARED / "hotosm_buildings" / "nairobi.tif"
     src = work / "nairobi_0.3m.tif"
@@ -88,7 +88,9 @@ def buildings(work: Path) -> dict[str, Any]:
 
     recorded = json.loads((REPO / "models" / "aerial-buildings" / "geoseg.json").read_text())["metrics"]
     scores = match_polygons(
-        on_imagery(found.geometry, valid, transform), on_imagery(truth.geometry, valid, transform), 0.5
+        on_imagery(found.geometry, valid, transform),
+        distinct_outlines(on_imagery(truth.geometry, valid, transform)),
+        0.5,
     )
     return {"run": scores, "evaluate": recorded["objects"]}
 

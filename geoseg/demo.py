@@ -114,7 +114,7 @@ def _print_real_scores(gpkg: Path, scene: Path) -> None:
     import geopandas as gpd
     import rasterio
 
-    from geoseg.train.evaluate import match_polygons, on_imagery
+    from geoseg.train.evaluate import distinct_outlines, match_polygons, on_imagery
 
     if not gpkg.exists():
         return
@@ -123,7 +123,9 @@ def _print_real_scores(gpkg: Path, scene: Path) -> None:
     truth = gpd.read_file(REAL_OUTLINES).to_crs(crs).clip(bounds)
     found = gpd.read_file(gpkg, layer="buildings")
     scores = match_polygons(
-        on_imagery(found.geometry, mask, transform), on_imagery(truth.geometry, mask, transform), 0.5
+        on_imagery(found.geometry, mask, transform),
+        distinct_outlines(on_imagery(truth.geometry, mask, transform)),
+        0.5,
     )
     (DEMO / "out" / "real_accuracy.json").write_text(json.dumps(scores, indent=2))
     print(

@@ -9,6 +9,7 @@ import shapely
 
 from geoseg.train.evaluate import (
     confusion,
+    distinct_outlines,
     format_scores,
     match_instances,
     match_polygons,
@@ -69,3 +70,33 @@ def test_oracle_run_scores_perfectly_against_synthetic_truth(ray_session, tmp_pa
         assert 0 < scores[head]["truth"] <= sum(o.kind == kind for o in objects)
     text = format_scores(scores)
     assert "landuse: mean IoU 1.0" in text and "buildings:" in text and "F1 1.000 at IoU 0.5" in text
+
+
+def test_distinct_outlines_drops_repeats_only():
+    """A building given twice is one object; neighbours that touch or overlap a little stay."""
+    a = shapely.box(0, 0, 10, 10)
+    copy = shapely.box(0, 0, 10, 10.05)  # the same outline, digitised again (IoU 0.995)
+    neighbour = shapely.box(9, 0, 19, 10)  # overlaps a by 10 %
+    inside = shapely.box(2, 2, 4, 4)  # a small building within a larger outline: a different object
+    assert distinct_outlines([a, copy, neighbour, inside]) == [a, neighbour, inside]
+
+
+def test_distinct_outlines_on_osm_agree_with_burning(shared_data):
+    """On HOT's Kathmandu outlines, the outlines kept are those that still own pixels when
+    ``geoseg train`` burns them one by one (first come, first kept) on a 0.3 m grid."""
+    import geopandas as gpd
+    from rasterio.features import rasterize
+    from rasterio.transform import from_origin
+
+    outlines = gpd.read_file(shared_data / "hotosm_buildings" / "kathmandu_buildings.geojson").to_crs(3857)
+    x0, y0, x1, y1 = outlines.total_bounds
+    shape = (int((y1 - y0) / 0.3) + 1, int((x1 - x0) / 0.3) + 1)
+    transform = from_origin(x0, y1, 0.3, 0.3)
+    ids = np.zeros(shape, np.int32)
+    owners = 0
+    for k, geom in enumerate(outlines.geometry, start=1):
+        burn = rasterize([(geom, 1)], out_shape=shape, transform=transform, fill=0, dtype="uint8") > 0
+        owners += bool((burn & (ids == 0)).any()) or not burn.any()  # (one under a pixel: kept by both)
+        ids[burn & (ids == 0)] = k
+    kept = distinct_outlines(list(outlines.geometry))
+    assert len(kept) == owners < len(outlines)
