@@ -1,7 +1,8 @@
 """Held-out scores through ``geoseg run`` (whole scenes, blended windows), to set beside the
 ``geoseg train --evaluate`` figures that each model's ``geoseg.json`` records.
 
-Ships: ``models/s2-ships-l2a`` alone on each held-out port's B02 B03 B04 B08 stacked at 10 m,
+Ships: ``models/s2-ships-l2a`` alone, tiled as ``configs/sentinel2.yaml`` tiles, on each held-out
+port's B02 B03 B04 B08 stacked at 10 m,
 objects matched to the COCO vessel masks at IoU >= 0.3, summed over the ports. Buildings:
 ``models/aerial-buildings`` alone on HOT's Nairobi drone image averaged to 0.3 m (its pixel size),
 polygons matched to the OpenStreetMap outlines at IoU >= 0.5 where there is imagery.
@@ -25,7 +26,7 @@ SHARED = REPO.parent / "shared" / "data"
 def ships(work: Path) -> dict[str, Any]:
     import rasterio
 
-    from geoseg.core.config import config_from_dict
+    from geoseg.core.config import config_from_dict, load_config
     from geoseg.runner.pipeline import run
     from geoseg.train.data import _coco_ids
     from geoseg.train.evaluate import match_instances, prf
@@ -33,7 +34,11 @@ def ships(work: Path) -> dict[str, Any]:
     sys.path.insert(0, str(REPO / "tests"))
     from helpers.sentinel2 import stack
 
-    config = config_from_dict({"models": {"ships": {"weights": str(REPO / "models" / "s2-ships-l2a")}}})
+    # The tiling of configs/sentinel2.yaml (windows of 256 px sharing 128), the config users run it with.
+    tiling = load_config(REPO / "configs" / "sentinel2.yaml").tiling.model_dump()
+    config = config_from_dict(
+        {"tiling": tiling, "models": {"ships": {"weights": str(REPO / "models" / "s2-ships-l2a")}}}
+    )
     recorded = json.loads((REPO / "models" / "s2-ships-l2a" / "geoseg.json").read_text())["metrics"]
     places, tp, n_pred, n_truth = {}, 0, 0, 0
     for port in recorded["places"]:

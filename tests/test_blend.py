@@ -366,3 +366,31 @@ def test_trained_networks_give_the_same_objects_at_any_tiling(ray_session, tmp_p
         assert wkb_set(a / "scene.gpkg", head) == wkb_set(b / "scene.gpkg", head), head
     counts = {h: sa["models"][h]["classes"][h[:-1]]["count"] for h in ("buildings", "ships")}
     assert counts["buildings"] > 5 and counts["ships"] > 5, counts  # objects there were, some on tile seams
+
+
+def test_held_out_scoring_blends_as_the_run_does(ray_session, tmp_path):
+    """``geoseg train``'s held-out scoring (``blend_image`` over an in-memory scene) gives the land
+    use that ``geoseg run`` writes for the same scene and window grid: the scores it records are
+    the run path's."""
+    from geoseg.models.blend import blend_image
+    from geoseg.train.model_dir import load_trained
+    from geoseg.train.synth import write_scene
+
+    scene = tmp_path / "scene.tif"
+    write_scene(scene, size=700, seed=5)
+    window, overlap = 256, 64
+    config = load_config(
+        REPO / "configs" / "synthetic.yaml",
+        {"tiling": {"tile_size": 320, "window": window, "overlap": overlap}, "runtime": {"precision": "fp32"}},
+    )
+    config = config.model_copy(update={"models": {"landuse": config.models["landuse"]}})
+    report = run([str(scene)], tmp_path / "out", config, progress=False)
+    assert report.ok, report.failures
+    with rasterio.open(tmp_path / "out" / "scene" / "scene_landuse.tif") as ds:
+        written = ds.read(1)
+    spec, model = load_trained(REPO / "models" / "synth-landuse")
+    with rasterio.open(scene) as ds:
+        image, valid = ds.read(spec.bands), ds.dataset_mask() > 0
+    probs = blend_image(model, spec, image, valid, head_windows(window, overlap, 1.0, 700, 700))
+    agree = float((probs.argmax(0) == written)[valid].mean())
+    assert agree >= 0.9999, agree  # (float sums in another order may flip a tie)

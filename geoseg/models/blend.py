@@ -10,7 +10,7 @@ cache: a window not found is computed again, the same way.
 from __future__ import annotations
 
 import collections
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -72,7 +72,7 @@ def _padded(arr: np.ndarray, have: Any, top: int, left: int, bottom: int, right:
     r0, c0 = int(have.row_off), int(have.col_off)
     h, w = arr.shape[-2:]
     pads = [(0, 0)] * (arr.ndim - 2) + [(r0 - top, bottom - r0 - h), (c0 - left, right - c0 - w)]
-    mode = "reflect" if min(h, w) > 1 else "edge"
+    mode: Literal["reflect", "edge"] = "reflect" if min(h, w) > 1 else "edge"
     return np.pad(arr, pads, mode=mode) if any(p for pair in pads for p in pair) else arr
 
 
@@ -127,6 +127,56 @@ def blend_batch(predictor: Predictor, payloads: list[dict[str, Any]], plan: Blen
         for k, (p, wins) in enumerate(zip(payloads, needs)):
             results[k][name] = _blend_tile(p["tile"], wins, windows, hw, weight, spec, plan.key, name)
     return results
+
+
+@torch.inference_mode()
+def blend_image(
+    model: torch.nn.Module,
+    spec: ModelConfig,
+    image: np.ndarray,
+    valid: np.ndarray | None,
+    hw: HeadWindows,
+    tta: str = "none",
+) -> np.ndarray:
+    """Blended probabilities (float32 ``K x H x W``) of a whole in-memory image, as ``geoseg run``
+    computes them for a raster of that size: the same window grid, reflection beyond the edges,
+    window outputs rounded to uint8 and squared-sine weights. For scoring a model on held-out
+    scenes the way users get it (``geoseg train``); a window with no valid pixel is skipped (it
+    covers none the scores count)."""
+    from rasterio.windows import Window
+
+    h, w = image.shape[-2:]
+    rows, cols = hw.starts(h), hw.starts(w)
+    top, left = rows[0], cols[0]
+    bottom, right = rows[-1] + hw.side, cols[-1] + hw.side
+    have = Window(0, 0, w, h)
+    image = _padded(image.astype(WIDEN.get(image.dtype, image.dtype), copy=False), have, top, left, bottom, right)
+    valid = _padded(np.ones((h, w), bool) if valid is None else valid, have, top, left, bottom, right)
+    ramp = torch.from_numpy(hw.ramp())
+    weight = ramp[:, None] * ramp[None, :]
+    total = torch.zeros((spec.out_channels, h, w), dtype=torch.float32)
+    weight_sum = torch.zeros((h, w), dtype=torch.float32)
+    for r in rows:
+        for c in cols:
+            v = valid[r - top : r - top + hw.side, c - left : c - left + hw.side]
+            if not v.any():
+                continue
+            x = torch.from_numpy(
+                np.ascontiguousarray(image[:, r - top : r - top + hw.side, c - left : c - left + hw.side])
+            )
+            vt = None if v.all() else torch.from_numpy(np.ascontiguousarray(v))[None]
+            x = x[None].float()
+            if hw.resampled:
+                x, vt = _to_model_grid(x, vt, hw)
+            x = mask_invalid(normalize(x, spec), vt)
+            probs = (predict_probs(model, x, spec, tta) * 255).round()[0] / 255.0
+            if hw.resampled:
+                probs = F.interpolate(probs[None], size=(hw.side, hw.side), mode="bilinear", align_corners=False)[0]
+            y0, y1, x0, x1 = max(r, 0), min(r + hw.side, h), max(c, 0), min(c + hw.side, w)
+            part = weight[y0 - r : y1 - r, x0 - c : x1 - c]
+            total[:, y0:y1, x0:x1] += probs[:, y0 - r : y1 - r, x0 - c : x1 - c] * part
+            weight_sum[y0:y1, x0:x1] += part
+    return (total / weight_sum.clamp_min(1e-12)).numpy()
 
 
 def _with_scale_offset(spec: ModelConfig, scale_offset: tuple[float, float] | None) -> ModelConfig:

@@ -10,7 +10,7 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from geoseg.core.config import InstanceChannel, Normalize, read_yaml_mapping
+from geoseg.core.config import InstanceChannel, Normalize, TilingConfig, read_yaml_mapping
 from geoseg.core.errors import ConfigError
 
 
@@ -21,7 +21,7 @@ class _Strict(BaseModel):
 class SynthSource(_Strict):
     """A scene written by ``geoseg synth`` at training time (reproducible from size and seed)."""
 
-    size: int = Field(1024, ge=64)
+    size: int = Field(default=1024, ge=64)
     seed: int = 0
     touching_pairs: int = 0
 
@@ -48,7 +48,7 @@ class SceneSpec(_Strict):
     # A colour-coded label image (PNG): hex colour -> class name; pixels of other colours are ignored.
     label_colors: dict[str, str] | None = None
     # Ground pixel size (m) of an image without a georeference (or to override its own).
-    pixel_size_m: float | None = Field(None, gt=0)
+    pixel_size_m: float | None = Field(default=None, gt=0)
     # Name of the place, for held-out scores per place (default: the image file's stem).
     place: str | None = None
 
@@ -73,19 +73,20 @@ class AutoNormalize(_Strict):
 
 
 class TrainParams(_Strict):
-    steps: int = Field(300, ge=1)
-    batch_size: int = Field(8, ge=1)
-    lr: float = Field(3e-3, gt=0)
-    weight_decay: float = Field(1e-4, ge=0)
+    steps: int = Field(default=300, ge=1)
+    batch_size: int = Field(default=8, ge=1)
+    lr: float = Field(default=3e-3, gt=0)
+    weight_decay: float = Field(default=1e-4, ge=0)
     seed: int = 0
-    threads: int = Field(1, ge=1)  # torch threads per worker on the CPU
-    positive_weight: float = Field(3.0, ge=1)  # instance tasks: chips with objects are drawn this much more often
+    threads: int = Field(default=1, ge=1)  # torch threads per worker on the CPU
+    # instance tasks: chips with objects are drawn this much more often
+    positive_weight: float = Field(default=3.0, ge=1)
     # semantic tasks: weight the loss of each class by 1/sqrt(its training pixels) (rare classes count more)
     class_weighting: Literal["none", "inverse_sqrt"] = "none"
-    num_workers: int = Field(1, ge=1)
+    num_workers: int = Field(default=1, ge=1)
     # Photometric augmentation: per chip and band, gain 1 + N(0, j) and offset N(0, j) on the
     # normalised values (places differ in light, season and sensor more than in geometry).
-    color_jitter: float = Field(0.0, ge=0)
+    color_jitter: float = Field(default=0.0, ge=0)
     # Chips per scene grid: 2 adds a second grid shifted by half a chip (objects cut by one grid
     # lie whole in the other).
     chip_grids: Literal[1, 2] = 1
@@ -106,15 +107,21 @@ class TrainConfig(_Strict):
     gsd_m: float | None = None  # default: resample_m, else the first scene's
     # Pixel size (m) every scene is resampled to when read (average of the image's pixels; polygon
     # labels are burnt on the new grid), e.g. 0.3 for 0.075 m drone imagery.
-    resample_m: float | None = Field(None, gt=0)
+    resample_m: float | None = Field(default=None, gt=0)
     normalize: Union[AutoNormalize, Normalize] = "none"
     model: ArchSpec = ArchSpec()
     scenes: list[SceneSpec] = Field(min_length=1)
-    chip_size: int = Field(96, ge=16)  # core pixels per chip (plan_tiles' tile_size)
-    chip_halo: int = Field(16, ge=0)  # context each side; chips are padded to a multiple of 32
-    eval_tile_size: int = Field(256, ge=32)
-    eval_halo: int = Field(32, ge=0)
-    eval_iou: float = Field(0.5, gt=0, le=1)  # instance tasks: IoU at which a prediction matches a truth
+    chip_size: int = Field(default=96, ge=16)  # core pixels per chip (plan_tiles' tile_size)
+    chip_halo: int = Field(default=16, ge=0)  # context each side; chips are padded to a multiple of 32
+    # Held-out scoring runs the model as ``geoseg run`` does by default: blended windows of
+    # ``eval_window`` pixels sharing ``eval_overlap`` (tiling.window / tiling.overlap). ``none``: the
+    # core-crop tiles of ``eval_tile_size`` + ``eval_halo`` (tiling.blend: none).
+    eval_blend: Literal["hann", "none"] = "hann"
+    eval_window: int = Field(default=TilingConfig.model_fields["window"].default, ge=32)
+    eval_overlap: int = Field(default=TilingConfig.model_fields["overlap"].default, ge=0)
+    eval_tile_size: int = Field(default=256, ge=32)
+    eval_halo: int = Field(default=32, ge=0)
+    eval_iou: float = Field(default=0.5, gt=0, le=1)  # instance tasks: IoU at which a prediction matches a truth
     train: TrainParams = TrainParams()
     postprocess: dict[str, Any] = {}  # thresholds etc. stored in the contract (ModelConfig keys)
     data: str = ""  # data source, for the model card

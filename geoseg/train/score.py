@@ -10,7 +10,9 @@ import numpy as np
 import torch
 
 from geoseg.core.config import ModelConfig
+from geoseg.models.blend import blend_image
 from geoseg.raster.grid import padded_size, plan_tiles
+from geoseg.raster.windows import head_windows
 from geoseg.train.config import TrainConfig
 from geoseg.train.data import Scene, holdout_rows
 from geoseg.train.evaluate import confusion, match_instances, semantic_scores
@@ -87,7 +89,11 @@ def evaluate(cfg: TrainConfig, spec: ModelConfig, model: torch.nn.Module, scenes
         image, target, valid = s.image[:, rows], s.target[rows], s.valid[rows]
         a["pixels"] += int(valid.sum())
         a["scenes"] += 1
-        probs = predict_region(model, spec, image, cfg.eval_tile_size, cfg.eval_halo, valid=valid)
+        if cfg.eval_blend == "hann":
+            hw = head_windows(cfg.eval_window, cfg.eval_overlap, 1.0, image.shape[-1], image.shape[-2])
+            probs = blend_image(model, spec, image, valid, hw)
+        else:
+            probs = predict_region(model, spec, image, cfg.eval_tile_size, cfg.eval_halo, valid=valid)
         if cfg.task == "semantic":
             a["cm"] += confusion(probs.argmax(0), target, n, valid)
         else:
