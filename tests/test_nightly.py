@@ -290,7 +290,7 @@ def test_driver_killed_mid_run_then_rerun(ray_session, tmp_path, oracle_config_p
         checkpointed = len(list(checkpoints.glob("*.pkl.z")))
         finished = {name: _tree(out / name) for name in done_before}
         killed_run = json.loads((out / next(iter(done_before)) / "summary.json").read_text())["run"]
-        assert (out / ".geoseg.runner.lock").exists()  # left by the killed run: the rerun takes it over
+        assert (out / ".geoseg.lock").exists()  # left by the killed run: the rerun takes it over
 
         rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert rerun.returncode == 0, rerun.stderr[-2000:]

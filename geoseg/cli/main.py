@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -98,13 +99,13 @@ def run(
       geoseg run a.tif b.tif --out out/ --config configs/default.yaml --tile-size 1024
       geoseg run scenes/ --out out/ --vectors gpkg,parquet   # GeoParquet files too
       geoseg run /vsis3/bucket/scene.tif --out out/ --address ray://head:10001
-      geoseg run s3://bucket/scenes/ --out s3://bucket/results   # AWS_* variables, see README
+      geoseg run s3://bucket/scenes/ --out s3://bucket/results   # AWS_* variables: docs/cluster.md
     """
     from geoseg.core.config import load_config
     from geoseg.core.storage import OutputStore
     from geoseg.runner.pipeline import run as run_pipeline
 
-    overrides = {
+    overrides: dict[str, dict[str, Any]] = {
         "tiling": {"tile_size": tile_size, "halo": halo, "blend": blend, "window": window, "overlap": overlap},
         "runtime": {"batch_size": batch_size, "device": device},
         "output": {"vectors": vectors},

@@ -1,5 +1,5 @@
 """Ground areas and lengths for a raster grid in any CRS: square metres and metres on the CRS's
-ellipsoid, whatever the projection (documented in the README).
+ellipsoid, whatever the projection (docs/outputs.md, "Areas and lengths").
 
 The CRS is related to the ellipsoid point by point: around a point (x, y) the inverse projection's
 derivatives, taken on the ellipsoid's surface in 3D (earth-centred) coordinates, give the ground
@@ -38,7 +38,7 @@ class _Metric:
     """Ground vectors of the CRS's unit steps at any points (one per CRS and thread: pyproj
     transformers are not shared between threads)."""
 
-    def __init__(self, crs: str) -> None:
+    def __init__(self, crs: CRS | str) -> None:
         crs = CRS.from_user_input(crs)
         geod = crs.get_geod() or Geod(ellps="WGS84")
         self.a, self.es = float(geod.a), float(geod.es)

@@ -1,6 +1,6 @@
 """One run at a time per output folder: a lock file that names its holder.
 
-``out/.geoseg.runner.lock`` is created exclusively (``O_CREAT | O_EXCL``) and holds the host, pid and
+``out/.geoseg.lock`` is created exclusively (``O_CREAT | O_EXCL``) and holds the host, pid and
 start time of the run that writes there. A second run refuses with a one-line message naming
 them. A lock whose holder is gone (same host, no such process) is taken over, so a run killed
 with SIGKILL does not block the next night's. Object storage has no exclusive create that every
@@ -18,7 +18,7 @@ from types import TracebackType
 
 from geoseg.core.errors import OutputError
 
-LOCK_NAME = ".geoseg.runner.lock"
+LOCK_NAME = ".geoseg.lock"
 STARTING_S = 10.0  # an unreadable lock younger than this belongs to a run that is starting
 
 
@@ -34,7 +34,7 @@ def process_alive(pid: int) -> bool:
 
 
 class RunLock:
-    """Context manager holding ``<out>/.geoseg.runner.lock`` for the duration of a run."""
+    """Context manager holding ``<out>/.geoseg.lock`` for the duration of a run."""
 
     def __init__(self, out_dir: str | Path) -> None:
         self.path = Path(out_dir) / LOCK_NAME
