@@ -146,7 +146,7 @@ def test_train_config_errors_are_one_line(tmp_path):
 def test_train_a_few_steps_writes_a_model_geoseg_run_loads(ray_session, tmp_path):
     from geoseg.cli.main import cli
 
-    path = _write_train_config(tmp_path)
+    path = _write_train_config(tmp_path, train={"steps": 3, "batch_size": 2, "hard_steps": 2})  # two rounds
     result = CliRunner().invoke(cli, ["-q", "train", str(path)])
     assert result.exit_code == 0, result.output
     assert "held-out objects" in result.output and "wrote" in result.output
@@ -157,6 +157,7 @@ def test_train_a_few_steps_writes_a_model_geoseg_run_loads(ray_session, tmp_path
     assert contract["input"] == {"count": 3, "names": ["red", "green", "blue"], "dtype": "uint8", "gsd_m": 1.0}
     assert set(contract["metrics"]["objects"]) >= {"precision", "recall", "f1"}
     assert contract["training"]["steps"] == 3 and set(contract["normalize"]) == {"mean", "std"}
+    assert contract["training"]["hard_steps"] == 2 and contract["training"]["hard_chips"] > 0
     from safetensors import safe_open
 
     with safe_open(str(out / "model.safetensors"), "pt") as f:
@@ -169,3 +170,30 @@ def test_train_a_few_steps_writes_a_model_geoseg_run_loads(ray_session, tmp_path
     result = CliRunner().invoke(cli, ["-q", "train", str(path), "--evaluate"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output[result.output.index("{") :]) == contract["metrics"]
+
+
+def test_hard_chips_are_those_the_network_gets_most_wrong(tmp_path):
+    """A network that calls every pixel a building errs most on the chips with the fewest
+    buildings: with ``hard_fraction`` 0.5 those two of four chips are the hard ones."""
+    import numpy as np
+    import torch
+
+    from geoseg.models.load import create_smp
+    from geoseg.train.fit import _head_spec, hard_chips
+
+    cfg = load_train_config(_write_train_config(tmp_path, train={"steps": 1, "hard_steps": 1, "hard_fraction": 0.5}))
+    spec = _head_spec(cfg, "none")
+    arch = cfg.model
+    model = create_smp("t", arch.arch, arch.encoder, 3, spec.out_channels, arch.arch_params)
+    state = {k: torch.zeros_like(v) for k, v in model.state_dict().items()}
+    state["segmentation_head.0.bias"] = torch.tensor([10.0, -10.0, -10.0])  # body everywhere
+    y = np.zeros((4, 3, 32, 32), np.uint8)
+    for chip, side in enumerate((0, 4, 12, 24)):  # buildings of 0, 16, 144 and 576 pixels
+        y[chip, 0, :side, :side] = 1
+    chips = {
+        "x": np.zeros((4, 3, 32, 32), np.uint8),
+        "y": y,
+        "valid": np.ones((4, 32, 32), bool),
+        "image_valid": np.ones((4, 32, 32), bool),
+    }
+    assert hard_chips(cfg, spec, state, chips).tolist() == [True, True, False, False]

@@ -43,13 +43,13 @@ class TilingConfig(_Frozen):
     ``max_resample`` bounds the factor per axis either way.
     """
 
-    tile_size: int = Field(1024, ge=16, le=8192)
-    halo: int = Field(32, ge=0, le=1024)
+    tile_size: int = Field(default=1024, ge=16, le=8192)
+    halo: int = Field(default=32, ge=0, le=1024)
     blend: Literal["hann", "none"] = "hann"
-    window: int = Field(512, ge=32, le=4096)
-    overlap: int = Field(128, ge=0, le=2048)
+    window: int = Field(default=512, ge=32, le=4096)
+    overlap: int = Field(default=128, ge=0, le=2048)
     resample: bool = True
-    max_resample: float = Field(16.0, ge=1.0)
+    max_resample: float = Field(default=16.0, ge=1.0)
 
     @field_validator("window")
     @classmethod
@@ -68,12 +68,12 @@ class TilingConfig(_Frozen):
 class RuntimeConfig(_Frozen):
     """How the work runs: batch size per model call, device and actor count."""
 
-    batch_size: int = Field(8, ge=1, le=1024)
+    batch_size: int = Field(default=8, ge=1, le=1024)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # None: one actor per GPU when GPUs exist; on CPU one actor, leaving a core for reading.
-    num_actors: int | None = Field(None, ge=1)
+    num_actors: int | None = Field(default=None, ge=1)
     # Batches queued per actor so that transfers overlap compute.
-    batches_in_flight_per_actor: int = Field(2, ge=1, le=16)
+    batches_in_flight_per_actor: int = Field(default=2, ge=1, le=16)
     # Test-time augmentation for every head that does not set its own: 'flip' averages the
     # probabilities of the tile and its horizontal, vertical and double flips (4x the compute).
     tta: Literal["none", "flip"] = "none"
@@ -81,7 +81,7 @@ class RuntimeConfig(_Frozen):
     # that compute bf16 natively (AVX-512 BF16, AMX), float32 elsewhere. A head may pin fp32.
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     # Window outputs a model actor keeps for the next tiles (geoseg.models.blend): neighbours share windows.
-    window_cache_mb: int = Field(256, ge=0)
+    window_cache_mb: int = Field(default=256, ge=0)
 
 
 VECTOR_FORMATS = ("gpkg", "parquet")
@@ -163,7 +163,7 @@ class DbNormalize(_Frozen):
     db: Literal[True]
     mean: list[float]
     std: list[float]
-    floor: float = Field(1e-6, gt=0)
+    floor: float = Field(default=1e-6, gt=0)
 
     @model_validator(mode="after")
     def _same_length(self) -> DbNormalize:
@@ -221,11 +221,11 @@ class InputSpec(_Frozen):
     another count fails unless the config sets ``bands`` itself (an explicit band mapping).
     """
 
-    count: int | None = Field(None, ge=1)
+    count: int | None = Field(default=None, ge=1)
     names: list[str] | None = None  # names of the bands the model reads, in order (e.g. [red, green, blue])
     dtype: str | None = None  # pixel type the normalisation expects, e.g. uint8, uint16, float32
-    gsd_m: float | None = Field(None, gt=0)  # ground sample distance of the training data, metres
-    gsd_tolerance: float = Field(3.0, gt=1)  # a scene fails when its GSD differs by more than this factor
+    gsd_m: float | None = Field(default=None, gt=0)  # ground sample distance of the training data, metres
+    gsd_tolerance: float = Field(default=3.0, gt=1)  # a scene fails when its GSD differs by more than this factor
 
 
 class TrainedOn(_Frozen):
@@ -265,11 +265,11 @@ class ModelConfig(_Frozen):
     precision: Literal["fp32"] | None = None  # fp32: this network always runs in float32 (runtime.precision aside)
     # Instance decoding (ignored for semantic heads).
     channels: list[InstanceChannel] = ["body"]
-    threshold: float = Field(0.5, gt=0, lt=1, description="body > threshold is foreground (one channel)")
-    seed_threshold: float = Field(0.7, gt=0, lt=1, description="body*(1-contact) > this seeds the watershed")
-    mask_threshold: float = Field(0.4, gt=0, lt=1, description="watershed grows over body > this")
-    min_area_m2: float = Field(0.0, ge=0)
-    simplify_m: float = Field(0.0, ge=0)
+    threshold: float = Field(default=0.5, gt=0, lt=1, description="body > threshold is foreground (one channel)")
+    seed_threshold: float = Field(default=0.7, gt=0, lt=1, description="body*(1-contact) > this seeds the watershed")
+    mask_threshold: float = Field(default=0.4, gt=0, lt=1, description="watershed grows over body > this")
+    min_area_m2: float = Field(default=0.0, ge=0)
+    simplify_m: float = Field(default=0.0, ge=0)
 
     @field_validator("factory")
     @classmethod

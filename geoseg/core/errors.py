@@ -8,7 +8,7 @@ class GeosegError(Exception):
 
     _fields: tuple[str, ...] = ()
 
-    def __reduce__(self):  # type: ignore[no-untyped-def]
+    def __reduce__(self) -> tuple[type[GeosegError], tuple[object, ...]]:
         # Rebuild from the fields, not the message, so errors survive Ray's pickling.
         return (type(self), tuple(getattr(self, f) for f in self._fields))
 

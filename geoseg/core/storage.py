@@ -111,10 +111,10 @@ class OutputStore:
             return
         # A probe object rather than HeadBucket: a writer may lack s3:ListBucket; publishing needs
         # put and delete. A missing bucket answers NoSuchBucket to the put.
-        probe = self._key(f".geoseg-write-test-{os.getpid()}")
+        probe_key = self._key(f".geoseg-write-test-{os.getpid()}")
         try:
-            self._client.put_object(Bucket=self._bucket, Key=probe, Body=b"")
-            self._client.delete_object(Bucket=self._bucket, Key=probe)
+            self._client.put_object(Bucket=self._bucket, Key=probe_key, Body=b"")
+            self._client.delete_object(Bucket=self._bucket, Key=probe_key)
         except boto_errors() as exc:
             raise OutputError(self.location, error_reason(exc)) from None
 

@@ -101,6 +101,7 @@ def create_smp(
 
 
 def _read_state_dict(name: str, path: Path) -> dict[str, torch.Tensor]:
+    state: object  # checked below: a checkpoint may nest the state dict or hold something else
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file

@@ -52,6 +52,7 @@ def _line(labels: np.ndarray, rows: slice | int, cols: slice | int) -> np.ndarra
     pixels outside read -1 (unseen). Saves padding the whole tile for four thin lines."""
     H, W = labels.shape
     if isinstance(rows, int):
+        assert isinstance(cols, slice)
         if not 0 <= rows < H:
             return np.full(cols.stop - cols.start, -1, dtype=np.int32)
         out = np.full(cols.stop - cols.start, -1, dtype=np.int32)
@@ -104,6 +105,7 @@ def _head(
 ) -> HeadTile:
     h, w = int(tile.core.height), int(tile.core.width)
     (rs, cs) = tile.core_in_read
+    score_sum: np.ndarray  # float64 (numpy's stub says bincount returns intp even with weights)
     if spec.task == "semantic":
         core_valid = valid[rs, cs]
         labels, label_class = label_regions(output, core_valid, len(spec.classes))

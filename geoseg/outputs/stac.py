@@ -33,7 +33,7 @@ from pyproj import CRS
 from pystac.extensions.classification import Classification, ClassificationExtension
 from pystac.extensions.eo import EOExtension
 from pystac.extensions.projection import ProjectionExtension
-from pystac.extensions.raster import RasterBand, RasterExtension
+from pystac.extensions.raster import DataType, RasterBand, RasterExtension
 
 import geoseg
 from geoseg.core.config import SEMANTIC_NODATA, Config, ModelConfig
@@ -184,7 +184,9 @@ def _mask_asset(item: pystac.Item, file: str, model: str, spec: ModelConfig) -> 
     )
     asset.set_owner(item)  # the extensions declare their schemas on the Item
     RasterExtension.ext(asset, add_if_missing=True).bands = [
-        RasterBand.create(nodata=SEMANTIC_NODATA if semantic else 0, data_type="uint8" if semantic else "uint32")
+        RasterBand.create(
+            nodata=SEMANTIC_NODATA if semantic else 0, data_type=DataType.UINT8 if semantic else DataType.UINT32
+        )
     ]
     if semantic:
         ClassificationExtension.ext(asset, add_if_missing=True).classes = _classes(spec)

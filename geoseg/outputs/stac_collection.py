@@ -112,7 +112,7 @@ def run_collection(store: OutputStore, manifest: dict[str, dict[str, Any]]) -> p
     # The assets every scene has, described as in the newest scene (classes and colours included).
     newest = max((item for _, item in items), key=lambda i: str(i.get("properties", {}).get("created", "")))
     common = set.intersection(*(set(item.get("assets", {})) for _, item in items))
-    definitions = {}
+    definitions: dict[str, pystac.ItemAssetDefinition | dict[str, Any]] = {}
     for key in sorted(common):
         spec = {k: v for k, v in newest["assets"][key].items() if k != "href"}
         definitions[key] = pystac.ItemAssetDefinition(spec)

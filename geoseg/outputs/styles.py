@@ -272,8 +272,9 @@ def id_pipe(n_objects: int) -> ET.Element:
 
 def _pipe(kind: str, **attrs: str) -> tuple[ET.Element, ET.Element]:
     pipe = ET.Element("pipe")
+    # attrib ({}, its default) is passed positionally so that mypy does not match **attrs against it.
     renderer = ET.SubElement(
-        pipe, "rasterrenderer", type=kind, band="1", opacity="1", alphaBand="-1", nodataColor="", **attrs
+        pipe, "rasterrenderer", {}, type=kind, band="1", opacity="1", alphaBand="-1", nodataColor="", **attrs
     )
     ET.SubElement(renderer, "rasterTransparency")
     mmo = ET.SubElement(renderer, "minMaxOrigin")

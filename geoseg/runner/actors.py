@@ -67,7 +67,7 @@ def task_cpus() -> float:
     return 1.0 if all(cpus >= 2 for _, cpus in cpu_nodes()) else 0.5
 
 
-class ActorPool(list):  # type: ignore[type-arg]
+class ActorPool(list):
     """The run's actors of one kind: a list (the run kills every actor in it at the end), with
     where each was placed (``nodes``: a node id, or None where Ray placed it, on any GPU) and
     ``start(node)``, which starts one more the same way. The scheduler puts a replacement in the

@@ -201,6 +201,7 @@ class FailurePolicy:
             slot.state = "gone"
             log.warning("its node is gone: the %d other model actor(s) go on without it", len(others))
             return
+        assert start is not None  # place is False without one
         slot.actor, slot.node, slot.state = start(node), node, "starting"
         self.actors[i] = slot.actor
         self.roles[actor_hex(slot.actor)] = ("model", i)

@@ -23,6 +23,7 @@ import shutil
 import signal
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import ray
 
@@ -107,7 +108,9 @@ def _shut_down(session: Path | None) -> None:
 
 def _session_dir() -> Path | None:
     try:
-        return Path(ray._private.worker._global_node.get_session_dir_path())  # no public API names it
+        # Ray declares _global_node as None (its value before ray.init); no public API names the folder.
+        node: Any = ray._private.worker._global_node
+        return Path(node.get_session_dir_path())
     except AttributeError:
         return None
 

@@ -76,7 +76,9 @@ def _plan_inputs(
     todo: list[tuple[FoundInput, dict[str, Any] | None]] = []
     taken: dict[str, str] = {}  # output folder -> input, in this run
     # Folders recorded for other inputs in earlier runs: a new input may not nest in or around them.
-    recorded = {e.get("output"): key for key, e in manifest.items() if e.get("status") == "ok" and e.get("output")}
+    recorded: dict[str, str] = {
+        e["output"]: key for key, e in manifest.items() if e.get("status") == "ok" and e.get("output")
+    }
     for item in found:
         path, name, key = item.path, item.name, input_key(item.path)
         try:
@@ -104,6 +106,7 @@ def _plan_inputs(
             taken[name] = path
             fingerprint = input_fingerprint(path)
             if not force and is_current(published, path, fingerprint, report.config_id):
+                assert published is not None  # is_current is False without a summary
                 log.info("%s: unchanged since run %s, skipped", path, published.get("run"))
                 report.summaries.append(published)
                 report.skipped += 1

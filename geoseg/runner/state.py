@@ -19,6 +19,8 @@ class Scene:
     """The driver's view of one scene: its tiles still to send, counters, its writer and error.
     A scene whose writer died starts again from its first tile (a new ``attempt``)."""
 
+    blend: BlendPlan | None  # set by reset() and open_blend()
+
     def __init__(self, index: int, info: SceneInfo, config: Config, run_id: str = "") -> None:
         self.index, self.info, self.run_id = index, info, run_id
         self.config = config
@@ -47,7 +49,7 @@ class Scene:
         self.attempt += 1
         # The scene's window grids (None: each tile is one window), made when the scene opens, and
         # their ref in the object store.
-        self.blend: BlendPlan | None = None
+        self.blend = None
         self.blend_ref: Any = None
         self.tiles: Iterator[Tile] = self._tiles()
         self.writer: int | None = None  # index in the writer pool

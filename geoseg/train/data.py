@@ -10,7 +10,7 @@ import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import rasterio
@@ -18,6 +18,7 @@ from affine import Affine
 from rasterio.features import rasterize
 from scipy import ndimage
 
+from geoseg.core.config import InstanceChannel
 from geoseg.core.contract import resolve
 from geoseg.core.errors import ConfigError, InputError
 from geoseg.raster.grid import pad_to_square, padded_size, plan_tiles
@@ -105,7 +106,8 @@ def _read_image(
     dtypes = {a.dtype for a in arrays}
     common = np.result_type(*dtypes)
     idx = [b - 1 for b in bands]
-    return image[idx].astype(common, copy=False), mask[idx].all(0), transform, crs, str(common)
+    # all over the band axis of a 3-D mask is an array (numpy types it np.bool | NDArray[np.bool]).
+    return image[idx].astype(common, copy=False), cast(np.ndarray, mask[idx].all(0)), transform, crs, str(common)
 
 
 def _read_polygons(path: Path, layer: str | None, crs: Any, field: str | None) -> tuple[list[Any], list[Any]]:
@@ -166,7 +168,8 @@ def _color_labels(cfg: TrainConfig, spec: SceneSpec, labels: Path, shape: tuple[
         if cfg.resample_m is None:
             raise InputError(str(labels), f"label image is {rgb.shape[:2]}, the image {shape}; put them on one grid")
         with Image.open(labels) as im:  # nearest neighbour keeps the colours exact
-            rgb = np.asarray(im.convert("RGB").resize((shape[1], shape[0]), Image.NEAREST))
+            # Pillow sets Image.NEAREST with setattr, so its types lack it (Image.Resampling needs pillow>=9.1).
+            rgb = np.asarray(im.convert("RGB").resize((shape[1], shape[0]), Image.NEAREST))  # type: ignore[attr-defined]
     code = (rgb[..., 0].astype(np.int32) << 16) | (rgb[..., 1].astype(np.int32) << 8) | rgb[..., 2]
     out = np.full(shape, IGNORE, dtype=np.uint8)
     for color, name in (spec.label_colors or {}).items():
@@ -254,7 +257,7 @@ def load_scene(cfg: TrainConfig, spec: SceneSpec, work_dir: Path, index: int) ->
     )
 
 
-def instance_targets(ids: np.ndarray, channels: list[str], contact_px: int = 2) -> np.ndarray:
+def instance_targets(ids: np.ndarray, channels: list[InstanceChannel], contact_px: int = 2) -> np.ndarray:
     """``K x H x W`` uint8 targets from object ids: body; border (the object's outer pixel ring);
     contact (pixels within ``contact_px`` of two different objects: the gaps that separate them)."""
     body = ids > 0
@@ -353,8 +356,8 @@ def make_chips(cfg: TrainConfig, scenes: list[Scene]) -> dict[str, np.ndarray]:
                     v = v & (tgt[win] != IGNORE)
                 if not v.any():
                     continue
-                xs.append(pad_to_square(img[(slice(None), *win)], tile, cfg.chip_halo, side))
-                ys.append(pad_to_square(tgt[(Ellipsis, *win)], tile, cfg.chip_halo, side))
+                xs.append(pad_to_square(img[(slice(None),) + win], tile, cfg.chip_halo, side))
+                ys.append(pad_to_square(tgt[(Ellipsis,) + win], tile, cfg.chip_halo, side))
                 vs.append(pad_to_square(v, tile, cfg.chip_halo, side, "constant"))
                 ivs.append(pad_to_square(iv, tile, cfg.chip_halo, side))  # as the predictor pads the image
     if not xs:

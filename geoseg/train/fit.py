@@ -82,8 +82,8 @@ def _loss(
     p = torch.sigmoid(logits) * v
     t = yf * v
     dims = (0, 2, 3)
-    dice = 1 - (2 * (p * t).sum(dims) + 1) / (p.sum(dims) + t.sum(dims) + 1)
-    return bce + dice.mean()
+    dice_loss = 1 - (2 * (p * t).sum(dims) + 1) / (p.sum(dims) + t.sum(dims) + 1)
+    return bce + dice_loss.mean()
 
 
 def _augment(*tensors: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
@@ -116,6 +116,8 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
     spec = ModelConfig.model_validate(loop_cfg["spec"])
     arch = loop_cfg["arch"]
     model = create_smp("train", arch["arch"], arch["encoder"], len(spec.bands), spec.out_channels, arch["arch_params"])
+    if loop_cfg.get("init_state") is not None:  # a second round goes on from the first's weights
+        model.load_state_dict(ray.get(loop_cfg["init_state"]))
     model = ray.train.torch.prepare_model(model)
     opt = torch.optim.AdamW(model.parameters(), lr=loop_cfg["lr"], weight_decay=loop_cfg["weight_decay"])
     steps = loop_cfg["steps"]
@@ -165,8 +167,16 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
 
 
 def _fit(
-    cfg: TrainConfig, spec: ModelConfig, chips: dict[str, np.ndarray], storage: Path
+    cfg: TrainConfig,
+    spec: ModelConfig,
+    chips: dict[str, np.ndarray],
+    storage: Path,
+    hard: np.ndarray | None = None,
+    init_state: dict | None = None,
 ) -> tuple[dict[str, Any], dict]:
+    """One round of training on Ray Train. A second round passes ``hard`` (the chips the first
+    round's network got most wrong, drawn ``train.hard_weight`` times as often) and starts from the
+    first round's weights (``init_state``) for ``train.hard_steps`` steps."""
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -176,6 +186,8 @@ def _fit(
         chips["weights"] = np.where(positive, cfg.train.positive_weight, 1.0)
     else:
         chips["weights"] = np.ones(len(chips["x"]))
+    if hard is not None:
+        chips["weights"] = chips["weights"] * np.where(hard, cfg.train.hard_weight, 1.0)
     class_weights = None
     if cfg.task == "semantic" and cfg.train.class_weighting == "inverse_sqrt":
         counts = np.array([((chips["y"] == k) & chips["valid"]).sum() for k in range(len(cfg.classes))], np.float64)
@@ -186,7 +198,8 @@ def _fit(
         "chips": ray.put(chips),
         "spec": spec.model_dump(),
         "arch": cfg.model.model_dump(),
-        "steps": cfg.train.steps,
+        "steps": cfg.train.steps if init_state is None else cfg.train.hard_steps,
+        "init_state": None if init_state is None else ray.put(init_state),
         "batch_size": cfg.train.batch_size,
         "lr": cfg.train.lr,
         "weight_decay": cfg.train.weight_decay,
@@ -213,6 +226,36 @@ def _fit(
     return dict(result.metrics or {}), state
 
 
+@torch.inference_mode()
+def hard_chips(cfg: TrainConfig, spec: ModelConfig, state: dict, chips: dict[str, np.ndarray]) -> np.ndarray:
+    """The chips a network (``state``) gets most wrong: the ``train.hard_fraction`` of chips with the
+    most wrong valid pixels (instance: body above its threshold where there is no object, or below
+    it where there is one; semantic: another class). Wrong pixels are counted, not a share: a chip
+    with one false ship counts as much wherever it lies."""
+    from geoseg.models.forward import WIDEN, mask_invalid, normalize, predict_probs
+    from geoseg.models.load import create_smp
+
+    arch = cfg.model
+    model = create_smp("score", arch.arch, arch.encoder, len(spec.bands), spec.out_channels, arch.arch_params)
+    model.load_state_dict(state)
+    model.eval()
+    wrong = np.zeros(len(chips["x"]), np.int64)
+    for start in range(0, len(chips["x"]), 64):
+        part = slice(start, start + 64)
+        raw = chips["x"][part]
+        x = torch.from_numpy(raw.astype(WIDEN.get(raw.dtype, raw.dtype), copy=False)).float()
+        x = mask_invalid(normalize(x, spec), torch.from_numpy(chips["image_valid"][part]))
+        probs = predict_probs(model, x, spec).numpy()
+        y, valid = chips["y"][part], chips["valid"][part]
+        if cfg.task == "semantic":
+            miss = probs.argmax(1) != y
+        else:
+            miss = (probs[:, 0] > spec.threshold) != (y[:, 0] > 0)
+        wrong[part] = (miss & valid).reshape(len(y), -1).sum(1)
+    cut = np.quantile(wrong, 1.0 - cfg.train.hard_fraction)
+    return (wrong >= max(cut, 1)) & (wrong > 0)
+
+
 def train(cfg: TrainConfig, evaluate_only: bool = False, address: str | None = None) -> dict[str, Any]:
     """Train (or, with ``evaluate_only``, re-score the existing model) and return the contract."""
     started = time.monotonic()
@@ -234,6 +277,11 @@ def train(cfg: TrainConfig, evaluate_only: bool = False, address: str | None = N
 
         ensure_ray(address)
         fit_metrics, state = _fit(cfg, spec, chips, work / "ray")
+        hard = None
+        if cfg.train.hard_steps > 0:
+            hard = hard_chips(cfg, spec, state, chips)
+            log.info("%s: second round on %d hard chip(s) of %d", cfg.name, int(hard.sum()), len(hard))
+            fit_metrics, state = _fit(cfg, spec, chips, work / "ray2", hard=hard, init_state=state)
         contract = model_contract(cfg, spec, scenes, dtype)
         contract["training"] = {
             "config": cfg.name,
@@ -241,6 +289,7 @@ def train(cfg: TrainConfig, evaluate_only: bool = False, address: str | None = N
             "chips": int(len(chips["x"])),
             "chip_px": int(chips["x"].shape[-1]),
             "steps": cfg.train.steps,
+            **({"hard_steps": cfg.train.hard_steps, "hard_chips": int(hard.sum())} if hard is not None else {}),
             "batch_size": cfg.train.batch_size,
             "train_loss": fit_metrics.get("train_loss"),
             "device": "cuda" if torch.cuda.is_available() else "cpu",

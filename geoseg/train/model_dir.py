@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -14,6 +14,9 @@ from geoseg.core.config import ModelConfig
 from geoseg.core.contract import resolve, save_contract
 from geoseg.train.config import TrainConfig
 from geoseg.train.data import Scene, _open
+
+if TYPE_CHECKING:
+    from segmentation_models_pytorch.base import SegmentationModel
 
 
 def model_contract(cfg: TrainConfig, spec: ModelConfig, scenes: list[Scene], dtype: str) -> dict[str, Any]:
@@ -87,7 +90,8 @@ def write_model_dir(out: Path, cfg: TrainConfig, state: dict[str, torch.Tensor],
     model.load_state_dict(state)
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.half().save_pretrained(str(tmp))
+    smp_model = cast("SegmentationModel", model.half())  # create_smp makes smp models: they have save_pretrained
+    smp_model.save_pretrained(str(tmp))
     (tmp / "README.md").unlink(missing_ok=True)  # smp's card claims an MIT licence; geoseg.json is the card
     save_contract(tmp, contract)
     if out.exists():

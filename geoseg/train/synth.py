@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import rasterio
 import shapely
 import torch
@@ -42,7 +43,7 @@ PALETTE = np.array([hex_rgb(c) for c in LANDUSE_COLORS] + [BUILDING_RGB, CONTACT
 PALETTE_CLASS = [0, 1, 2, 3, 4, URBAN, URBAN, WATER]
 
 
-def _hash(seed: int, *keys: np.ndarray) -> np.ndarray:
+def _hash(seed: int, *keys: npt.ArrayLike) -> np.ndarray:
     """Deterministic uniform [0, 1) from integer keys (splitmix64 mixing)."""
     with np.errstate(over="ignore"):
         x = np.full(np.broadcast(*keys).shape, np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15), dtype=np.uint64)
@@ -134,8 +135,8 @@ def plan_objects(size: int, seed: int, cell: int, touching_pairs: int = 0) -> li
         if any(g.intersects(grown) for k in keys for g in buckets.get(k, ())):
             continue
         kept.extend(group)
-        for k in keys:
-            buckets.setdefault(k, []).append(footprint)
+        for key in keys:
+            buckets.setdefault(key, []).append(footprint)
     return kept
 
 
@@ -278,6 +279,7 @@ class PaletteOracle(torch.nn.Module):
         with torch.no_grad():
             p = torch.from_numpy(PALETTE)
             self.score.weight.copy_((2 * p).view(-1, 3, 1, 1))
+            assert self.score.bias is not None  # Conv2d has a bias by default
             self.score.bias.copy_(-(p * p).sum(1))
         self.groups = groups
         self.margin_logits = margin_logits
