@@ -91,10 +91,11 @@ class TrainParams(_Strict):
     # lie whole in the other).
     chip_grids: Literal[1, 2] = 1
     dice: bool = False  # semantic tasks: add a soft-dice term per class to the cross-entropy
-    # Hard chips: after ``steps``, a second round of ``hard_steps`` from the first round's weights,
-    # drawing the ``hard_fraction`` of chips the first round got most wrong ``hard_weight`` times as
-    # often (e.g. piers and breakwaters taken for ships). 0: one round.
+    # Hard chips: after ``steps``, ``hard_rounds`` rounds of ``hard_steps`` each from the previous
+    # round's weights, drawing the ``hard_fraction`` of chips the previous round got most wrong
+    # ``hard_weight`` times as often (e.g. piers and breakwaters taken for ships). 0 steps: none.
     hard_steps: int = Field(default=0, ge=0)
+    hard_rounds: int = Field(default=1, ge=1)
     hard_fraction: float = Field(default=0.1, gt=0, le=1)
     hard_weight: float = Field(default=4.0, ge=1)
 

@@ -174,9 +174,9 @@ def _fit(
     hard: np.ndarray | None = None,
     init_state: dict | None = None,
 ) -> tuple[dict[str, Any], dict]:
-    """One round of training on Ray Train. A second round passes ``hard`` (the chips the first
+    """One round of training on Ray Train. A hard round passes ``hard`` (the chips the previous
     round's network got most wrong, drawn ``train.hard_weight`` times as often) and starts from the
-    first round's weights (``init_state``) for ``train.hard_steps`` steps."""
+    previous round's weights (``init_state``) for ``train.hard_steps`` steps."""
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -278,10 +278,10 @@ def train(cfg: TrainConfig, evaluate_only: bool = False, address: str | None = N
         ensure_ray(address)
         fit_metrics, state = _fit(cfg, spec, chips, work / "ray")
         hard = None
-        if cfg.train.hard_steps > 0:
-            hard = hard_chips(cfg, spec, state, chips)
-            log.info("%s: second round on %d hard chip(s) of %d", cfg.name, int(hard.sum()), len(hard))
-            fit_metrics, state = _fit(cfg, spec, chips, work / "ray2", hard=hard, init_state=state)
+        for round_ in range(cfg.train.hard_rounds if cfg.train.hard_steps > 0 else 0):
+            hard = hard_chips(cfg, spec, state, chips)  # those the latest weights get most wrong
+            log.info("%s: hard round %d on %d chip(s) of %d", cfg.name, round_ + 1, int(hard.sum()), len(hard))
+            fit_metrics, state = _fit(cfg, spec, chips, work / f"ray{round_ + 2}", hard=hard, init_state=state)
         contract = model_contract(cfg, spec, scenes, dtype)
         contract["training"] = {
             "config": cfg.name,
@@ -289,7 +289,15 @@ def train(cfg: TrainConfig, evaluate_only: bool = False, address: str | None = N
             "chips": int(len(chips["x"])),
             "chip_px": int(chips["x"].shape[-1]),
             "steps": cfg.train.steps,
-            **({"hard_steps": cfg.train.hard_steps, "hard_chips": int(hard.sum())} if hard is not None else {}),
+            **(
+                {
+                    "hard_steps": cfg.train.hard_steps,
+                    "hard_rounds": cfg.train.hard_rounds,
+                    "hard_chips": int(hard.sum()),
+                }
+                if hard is not None
+                else {}
+            ),
             "batch_size": cfg.train.batch_size,
             "train_loss": fit_metrics.get("train_loss"),
             "device": "cuda" if torch.cuda.is_available() else "cpu",
