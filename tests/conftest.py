@@ -142,3 +142,19 @@ def s3_bucket(s3_server: str) -> str:
     name = f"geoseg-test-{uuid.uuid4().hex[:12]}"
     boto3.session.Session().client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture(scope="session")
+def stac_api_server():
+    """A real STAC API (stac-fastapi-pgstac over pgstac in PostgreSQL 15 + PostGIS) on 127.0.0.1 for
+    the session (``helpers.pgstac``); skips, saying what is missing, where it cannot run."""
+    from helpers.pgstac import PgstacServer, missing
+
+    reason = missing()
+    if reason is not None:
+        pytest.skip(reason)
+    server = PgstacServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -12,9 +12,10 @@ import yaml
 from affine import Affine
 from click.testing import CliRunner
 
-from geoseg.core.config import ClipNormalize, ScaleNormalize, config_from_dict, load_config
+from geoseg.core.config import config_from_dict, load_config
 from geoseg.core.contract import check_scene, save_contract, scene_gsd_m
 from geoseg.core.errors import ConfigError, InputError
+from geoseg.core.heads import ClipNormalize, ScaleNormalize
 from geoseg.models.load import check_models, create_smp
 from geoseg.raster.read import inspect_scene
 

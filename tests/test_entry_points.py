@@ -270,6 +270,18 @@ def test_nightly_script_builds_the_documented_command(tmp_path):
         check=True,
     ).stdout.splitlines()
     assert out[0] == "RAY_ADDRESS=10.0.0.1:6379" and out[-2:] == ["--config", "my config.yaml"]
+    # SCENES '-': no scenes, the config's saved STAC API search alone.
+    out = subprocess.run(
+        ["bash", "jobs/nightly.sh", "-", "o", "search.yaml"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    assert out[1:] == ["run", "--out", "o", "--config", "search.yaml"]
+    alone = subprocess.run(["bash", "jobs/nightly.sh", "-", "o"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert alone.returncode == 2 and "needs a CONFIG" in alone.stderr
 
 
 # --- the README's two-node cluster, as typed --------------------------------------------------------

@@ -4,7 +4,6 @@ tests write with pystac, run without stacking them by hand."""
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,7 @@ import pystac
 import pytest
 import rasterio
 import rasterio.warp
+from helpers.stac_items import band_item
 from rasterio.enums import Resampling
 
 from geoseg.core.config import config_from_dict, load_config
@@ -20,43 +20,6 @@ from geoseg.runner.pipeline import run
 
 REPO = Path(__file__).resolve().parents[1]
 CLOUDS = REPO / "configs" / "sentinel2-clouds.yaml"
-COMMON = {"B02": "blue", "B03": "green", "B04": "red", "B08": "nir", "B11": "swir16"}
-
-
-def _item(
-    folder: Path, item_id: str, files: dict[str, Path], scale: float = 0.0001, offset: float = 0.0
-) -> pystac.Item:
-    """An Item with one asset per band file: STAC 1.0 eo:bands (name, common name) and raster:bands."""
-    with rasterio.open(next(iter(files.values()))) as ds:
-        bounds = rasterio.warp.transform_bounds(ds.crs, "EPSG:4326", *ds.bounds)
-    geometry = {
-        "type": "Polygon",
-        "coordinates": [
-            [
-                [bounds[0], bounds[1]],
-                [bounds[2], bounds[1]],
-                [bounds[2], bounds[3]],
-                [bounds[0], bounds[3]],
-                [bounds[0], bounds[1]],
-            ]
-        ],
-    }
-    item = pystac.Item(item_id, geometry, list(bounds), datetime(2023, 7, 30, 10, 56, tzinfo=timezone.utc), {})
-    for band, path in files.items():
-        item.add_asset(
-            band,
-            pystac.Asset(
-                str(path),
-                media_type=pystac.MediaType.GEOTIFF,
-                roles=["data"],
-                extra_fields={
-                    "eo:bands": [{"name": band, "common_name": COMMON[band]}],
-                    "raster:bands": [{"scale": scale, "offset": offset, "data_type": "uint16"}],
-                },
-            ),
-        )
-    item.set_self_href(str(folder / f"{item_id}.json"))
-    return item
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +38,7 @@ def test_item_runs_like_the_bands_stacked_by_hand(ray_session, cartagena, tmp_pa
     same bands stacked into one GeoTIFF on >= 99.9 % of pixels, on the same grid; the Item's id names
     the output folder and its datetime the STAC output's."""
     files = {b: cartagena[b] for b in ("B02", "B03", "B04", "B08")}
-    item = _item(tmp_path, "S2A_cartagena_20230730", files)
+    item = band_item(tmp_path, "S2A_cartagena_20230730", files)
     item.properties.update({"platform": "sentinel-2a", "constellation": "sentinel-2", "eo:cloud_cover": 12.5})
     item.save_object(include_self_link=True)
     config = load_config(CLOUDS)
@@ -120,7 +83,7 @@ def test_a_coarser_band_is_resampled_onto_the_finest_grid(cartagena, tmp_path):
     with rasterio.open(b11_20m, "w", **profile) as out:
         out.write(coarse, 1)
     files = {b: cartagena[b] for b in ("B02", "B03", "B04")} | {"B11": b11_20m}
-    item = _item(tmp_path, "mixed", files, offset=-0.1)
+    item = band_item(tmp_path, "mixed", files, offset=-0.1)
     head = {
         "task": "semantic",
         "classes": ["a", "b"],
@@ -144,7 +107,7 @@ def test_a_coarser_band_is_resampled_onto_the_finest_grid(cartagena, tmp_path):
 def test_item_without_a_band_fails_with_its_name_and_the_bands_it_has(ray_session, cartagena, tmp_path):
     files = {b: cartagena[b] for b in ("B02", "B03", "B04")}
     collection = pystac.ItemCollection(
-        [_item(tmp_path, "no_nir", files), _item(tmp_path, "all_four", files | {"B08": cartagena["B08"]})]
+        [band_item(tmp_path, "no_nir", files), band_item(tmp_path, "all_four", files | {"B08": cartagena["B08"]})]
     )
     path = tmp_path / "items.json"
     collection.save_object(str(path))
@@ -161,7 +124,7 @@ def test_item_without_a_band_fails_with_its_name_and_the_bands_it_has(ray_sessio
 
 def test_item_whose_file_is_missing_names_the_href(ray_session, cartagena, tmp_path):
     files = {b: cartagena[b] for b in ("B02", "B03", "B04")} | {"B08": tmp_path / "gone" / "B08.tif"}
-    item = _item(tmp_path, "broken", files)
+    item = band_item(tmp_path, "broken", files)
     item.save_object(include_self_link=True)
     report = run([item.get_self_href()], tmp_path / "out", load_config(CLOUDS), progress=False)
     ((path, error),) = report.failures
@@ -180,7 +143,7 @@ def test_sentinel2_config_runs_ships_and_clouds_on_an_item(ray_session, shared_d
     from helpers.sentinel2 import band_files
 
     files = dict(zip(("B02", "B03", "B04", "B08"), band_files(shared_data, "honolulu")))
-    item = _item(tmp_path, "honolulu", files)
+    item = band_item(tmp_path, "honolulu", files)
     item.save_object(include_self_link=True)
     report = run(
         [item.get_self_href()], tmp_path / "out", load_config(REPO / "configs" / "sentinel2.yaml"), progress=False
@@ -203,7 +166,7 @@ def test_items_done_are_skipped_and_an_updated_item_is_redone(ray_session, carta
     """Nightly runs over an ItemCollection: the second run skips both Items; after one Item's
     `updated` time changes, the third run redoes that Item only."""
     files = {b: cartagena[b] for b in ("B02", "B03", "B04", "B08")}
-    items = [_item(tmp_path, name, files) for name in ("first", "second")]
+    items = [band_item(tmp_path, name, files) for name in ("first", "second")]
     for item in items:
         item.properties["updated"] = "2023-07-31T00:00:00Z"
     path = tmp_path / "items.json"

@@ -30,7 +30,7 @@ def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
 
 
 @cli.command()
-@click.argument("inputs", nargs=-1, required=True)
+@click.argument("inputs", nargs=-1)
 @click.option("--out", "out_dir", required=True, help="Output folder, or s3://bucket/prefix.")
 @click.option(
     "--config",
@@ -65,6 +65,20 @@ def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
 @click.option("--recursive", "-r", is_flag=True, help="Take rasters in sub-folders too (outputs mirror them).")
 @click.option("--force", is_flag=True, help="Redo every input, even those unchanged since they were done.")
 @click.option("--resume", is_flag=True, hidden=True, help="No effect: every run skips unchanged inputs.")
+@click.option(
+    "--stac-api", "stac_api", metavar="URL", default=None, help="Search this STAC API: every Item found is an input."
+)
+@click.option(
+    "--collections",
+    multiple=True,
+    metavar="C1[,C2...]",
+    help="Collections to search (--stac-api); comma-separated, or the flag repeated.",
+)
+@click.option("--bbox", type=float, nargs=4, default=None, metavar="W S E N", help="Search bbox, WGS84 degrees.")
+@click.option("--datetime", "datetime_", metavar="RANGE", default=None, help="Search datetime: 2026-01-01/.. etc.")
+@click.option("--query", metavar="JSON", default=None, help="Search query (STAC API query extension), as JSON.")
+@click.option("--filter", "filter_", metavar="CQL2-JSON", default=None, help="Search filter in CQL2-JSON.")
+@click.option("--max-items", type=int, default=None, help="At most this many Items from the search.")
 @click.pass_context
 def run(
     ctx: click.Context,
@@ -83,12 +97,21 @@ def run(
     recursive: bool,
     force: bool,
     resume: bool,
+    stac_api: str | None,
+    collections: tuple[str, ...],
+    bbox: tuple[float, float, float, float] | None,
+    datetime_: str | None,
+    query: str | None,
+    filter_: str | None,
+    max_items: int | None,
 ) -> None:
-    """Segment every GeoTIFF in INPUTS (files, folders, globs, s3:// prefixes) into OUT.
+    """Segment every GeoTIFF in INPUTS (files, folders, globs, s3:// prefixes, STAC Items) and every
+    Item a STAC API search finds (--stac-api, or the config's stac_api: section) into OUT.
 
     Inputs done before from the same bytes with the same config and models are skipped (see
     OUT/run-manifest.json); new and changed ones are processed. Each input writes OUT/<name>/,
-    where <name> is its path below the folder given (scenes/a/x.tif -> OUT/a/x/).
+    where <name> is its path below the folder given (scenes/a/x.tif -> OUT/a/x/), or a STAC
+    Item's id.
 
     \b
     Examples:
@@ -100,6 +123,8 @@ def run(
       geoseg run scenes/ --out out/ --vectors gpkg,parquet   # GeoParquet files too
       geoseg run /vsis3/bucket/scene.tif --out out/ --address ray://head:10001
       geoseg run s3://bucket/scenes/ --out s3://bucket/results   # AWS_* variables: docs/cluster.md
+      geoseg run --stac-api https://stac.example/v1 --collections sentinel-2-l2a --bbox 8.7 44.3 9.0 44.5 \\
+          --datetime 2026-01-01/.. --out out/ --config configs/sentinel2-clouds.yaml
     """
     from geoseg.core.config import load_config
     from geoseg.core.storage import OutputStore
@@ -109,8 +134,19 @@ def run(
         "tiling": {"tile_size": tile_size, "halo": halo, "blend": blend, "window": window, "overlap": overlap},
         "runtime": {"batch_size": batch_size, "device": device},
         "output": {"vectors": vectors},
+        "stac_api": {
+            "url": stac_api,
+            "collections": list(collections) or None,
+            "bbox": list(bbox) if bbox else None,
+            "datetime": datetime_,
+            "query": query,
+            "filter": filter_,
+            "max_items": max_items,
+        },
     }
     config = load_config(config_path or DEFAULT_CONFIG, overrides)
+    if not inputs and config.stac_api is None:
+        raise click.UsageError("no inputs: give INPUTS, or a STAC API search (--stac-api URL --collections C)")
     del resume  # kept so that old nightly scripts still run: skipping unchanged inputs is the default
     report = run_pipeline(
         list(inputs), out_dir, config, address=address, progress=not ctx.obj["quiet"], force=force, recursive=recursive

@@ -52,3 +52,13 @@ class OutputError(GeosegError, OSError):
     def __init__(self, path: str, problem: str) -> None:
         self.path, self.problem = str(path), problem
         super().__init__(f"{path}: {problem}")
+
+
+class SourceError(GeosegError, OSError):
+    """A source of inputs (a STAC API) cannot be searched: the run stops before any work."""
+
+    _fields = ("source", "problem")
+
+    def __init__(self, source: str, problem: str) -> None:
+        self.source, self.problem = source, problem
+        super().__init__(f"{source}: {problem}")

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from geoseg.core.config import MeanStdNormalize, ModelConfig
+from geoseg.core.heads import MeanStdNormalize, ModelConfig
 from geoseg.models.forward import WIDEN, mask_invalid, normalize, predict_probs
 from geoseg.raster.windows import BlendPlan, HeadWindows
 

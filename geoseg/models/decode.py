@@ -10,7 +10,7 @@ from scipy import ndimage
 from skimage import measure
 from skimage.segmentation import watershed
 
-from geoseg.core.config import ModelConfig
+from geoseg.core.heads import ModelConfig
 
 CONNECTIVITY_4 = ndimage.generate_binary_structure(2, 1)
 CONNECTIVITY_8 = ndimage.generate_binary_structure(2, 2)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from geoseg.core.config import ClipNormalize, DbNormalize, MeanStdNormalize, ModelConfig, ScaleNormalize
+from geoseg.core.heads import ClipNormalize, DbNormalize, MeanStdNormalize, ModelConfig, ScaleNormalize
 
 # Integer dtypes torch cannot hold, widened on the way in.
 WIDEN = {np.dtype("uint16"): np.int32, np.dtype("uint32"): np.int64, np.dtype("int8"): np.int16}

@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from geoseg.core.config import Config, ModelConfig
+from geoseg.core.config import Config
+from geoseg.core.heads import ModelConfig
 from geoseg.models.blend import WindowCache, blend_batch
 from geoseg.models.forward import WIDEN, mask_invalid, normalize, predict_probs
 from geoseg.models.load import build_model, check_model

@@ -23,9 +23,10 @@ from typing import Any
 
 import torch
 
-from geoseg.core.config import Config, ModelConfig
+from geoseg.core.config import Config
 from geoseg.core.contract import resolve
 from geoseg.core.errors import ModelError
+from geoseg.core.heads import ModelConfig
 
 # smp architectures by the names users write (any case); smp.create_model accepts all of these.
 SMP_ARCHS = (

@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from geoseg.core.config import SEMANTIC_NODATA, Config, ModelConfig
+from geoseg.core.config import SEMANTIC_NODATA, Config
+from geoseg.core.heads import ModelConfig
 from geoseg.models.decode import decode_instances, label_regions
 from geoseg.raster.grid import Tile
 from geoseg.raster.vectorize import label_polygons

@@ -19,7 +19,8 @@ from affine import Affine
 from pyogrio.raw import write as ogr_write
 from rasterio.windows import Window
 
-from geoseg.core.config import SEMANTIC_NODATA, ModelConfig
+from geoseg.core.config import SEMANTIC_NODATA
+from geoseg.core.heads import ModelConfig
 from geoseg.core.units import GroundScale, ground_frames
 from geoseg.outputs.styles import class_colors, hex_rgb
 from geoseg.raster.vectorize import pixel_to_crs, to_multipolygons

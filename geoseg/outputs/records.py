@@ -94,9 +94,10 @@ def model_versions(config: Config) -> dict[str, str]:
 
 def config_fingerprint(config: Config, versions: dict[str, str] | None = None) -> str:
     """Hash of the resolved config and of every model's version (``versions``, hashed here when not
-    given): outputs made with an equal fingerprint came from the same settings and networks."""
+    given): outputs made with an equal fingerprint came from the same settings and networks. A STAC
+    API search (``stac_api``) chooses inputs, not how they are processed: it is left out."""
     versions = model_versions(config) if versions is None else versions
-    text = config.model_dump_json() + json.dumps(versions, sort_keys=True)
+    text = config.model_dump_json(exclude={"stac_api"}) + json.dumps(versions, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

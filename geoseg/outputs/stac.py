@@ -36,7 +36,8 @@ from pystac.extensions.projection import ProjectionExtension
 from pystac.extensions.raster import DataType, RasterBand, RasterExtension
 
 import geoseg
-from geoseg.core.config import SEMANTIC_NODATA, Config, ModelConfig
+from geoseg.core.config import SEMANTIC_NODATA, Config
+from geoseg.core.heads import ModelConfig
 from geoseg.core.storage import MANIFEST, OutputStore, write_json
 from geoseg.outputs.styles import class_colors
 from geoseg.raster.read import SceneInfo

@@ -18,7 +18,8 @@ from contextlib import closing
 from pathlib import Path
 from typing import NamedTuple
 
-from geoseg.core.config import Config, ModelConfig
+from geoseg.core.config import Config
+from geoseg.core.heads import ModelConfig
 
 _PALETTE = [
     "#1f78b4",

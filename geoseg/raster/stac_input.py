@@ -10,7 +10,9 @@ pixels are made, ``bilinear`` when finer ones are); assets in another CRS are re
 DN * scale + offset), and its nodata value marks pixels invalid.
 
 Inputs: a local Item, ItemCollection, Collection or Catalog file, or an ``https://`` one (pystac
-reads it); each Item of a collection is an input named ``<file>#<item id>``.
+reads it); each Item of a collection is an input named ``<file>#<item id>``. Items a STAC API search
+found (``geoseg.raster.stac_search``) are inputs named by their URL on the API, read from the search's
+answer (``remember_items``), not fetched again.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import html
 import os
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
+from urllib.request import url2pathname
 
 import pystac
 import rasterio
@@ -29,17 +33,29 @@ from geoseg.core.errors import InputError
 from geoseg.core.s3 import file_fingerprint, gdal_path
 
 ITEM_SEPARATOR = "#"
+# Items a STAC API search returned, by their URL (the input path that names each): a run looks each
+# Item up several times, and an API is asked once.
+_SEARCHED: dict[str, pystac.Item] = {}
+
+
+def remember_items(found: list[tuple[str, pystac.Item]]) -> None:
+    """Keep Items a search returned under their URLs, so that these URLs are inputs (``is_stac``)."""
+    _SEARCHED.update(found)
 
 
 def is_stac(path: str) -> bool:
-    """Whether an input names a STAC document (a ``.json`` file or URL, with an item id or not)."""
-    return path.split(ITEM_SEPARATOR, 1)[0].lower().endswith(".json")
+    """Whether an input names a STAC document (a ``.json`` file or URL, with an item id or not) or an
+    Item a STAC API search returned."""
+    return path in _SEARCHED or path.split(ITEM_SEPARATOR, 1)[0].lower().endswith(".json")
 
 
 def read_items(href: str) -> list[tuple[str, pystac.Item]]:
     """The Items a STAC document holds, each with the input path that names it: the file for an
     Item, ``<file>#<id>`` for the Items of an ItemCollection, a Collection or a Catalog. A local
-    file is read once while it is unchanged (a run looks each Item up several times)."""
+    file is read once while it is unchanged (a run looks each Item up several times); an Item a
+    search returned is not read again."""
+    if href in _SEARCHED:
+        return [(href, _SEARCHED[href])]
     try:
         st = os.stat(href)
     except OSError:
@@ -108,13 +124,22 @@ def _band_dicts(asset: pystac.Asset) -> list[dict[str, Any]]:
     return [{k.removeprefix("eo:").removeprefix("raster:"): v for k, v in b.items()} for b in bands]
 
 
+def asset_href(asset: pystac.Asset) -> str:
+    """Where an asset's file is: its href made absolute against its Item's, a ``file://`` URI as the
+    local path it names (how an API served over HTTP points at files on a shared file system)."""
+    href = asset.get_absolute_href() or asset.href
+    if href.lower().startswith("file://"):
+        return url2pathname(urlsplit(href).path)
+    return href
+
+
 def item_bands(item: pystac.Item) -> dict[str, BandSource]:
     """Every band an Item's assets name, by lower-case common name, band name and one-band asset key."""
     found: dict[str, BandSource] = {}
     for key, asset in item.assets.items():
         if asset.media_type and "tiff" not in asset.media_type and "jp2" not in asset.media_type:
             continue
-        href = asset.get_absolute_href() or asset.href
+        href = asset_href(asset)
         bands = _band_dicts(asset) or [{}]
         for i, b in enumerate(bands, start=1):
             source = BandSource(
@@ -258,7 +283,7 @@ def item_fingerprint(path: str) -> dict[str, Any] | None:
     item = load_item(path)
     assets = {}
     for key, asset in sorted(item.assets.items()):
-        href = asset.get_absolute_href() or asset.href
+        href = asset_href(asset)
         if "://" in href and not href.startswith("s3://"):
             return None
         assets[key] = file_fingerprint(href)

@@ -49,6 +49,7 @@ from geoseg.outputs.stac_collection import write_collection
 from geoseg.raster.discover import FoundInput, clashes, find_inputs, input_fingerprint
 from geoseg.raster.read import SceneInfo, inspect_scene, stac_scene
 from geoseg.raster.stac_input import is_stac
+from geoseg.raster.stac_search import search_inputs
 from geoseg.runner.actors import start_model_actors, start_writers, task_cpus, wait_ready
 from geoseg.runner.local_ray import LOCAL_OBJECT_STORE_BYTES, ensure_ray, ray_for_run  # noqa: F401 (re-exported)
 from geoseg.runner.lock import RunLock
@@ -163,8 +164,14 @@ def run(
     processed here), ``runs/<run id>.json`` (this run's record) and ``collection.json`` (a STAC
     Collection of every scene's Item, ``geoseg.outputs.stac``) in ``out_dir``, and ``report.html``, the page
     a person opens (``geoseg.outputs.report``).
+
+    With a STAC API search in the config (``stac_api``), every Item it finds is an input too. The
+    search comes first: an API that is down or answers an error raises ``SourceError`` before
+    anything is written.
     """
     started = time.monotonic()
+    if config.stac_api is not None:
+        inputs = [*inputs, *search_inputs(config.stac_api)]
     versions = model_versions(config)  # reads every model's weights: once per run
     report = RunReport(started_unix=time.time(), run_id=new_run_id(), config_id=config_fingerprint(config, versions))
     report.legend = legend(config)

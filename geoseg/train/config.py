@@ -10,8 +10,9 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from geoseg.core.config import InstanceChannel, Normalize, TilingConfig, read_yaml_mapping
+from geoseg.core.config import TilingConfig, read_yaml_mapping
 from geoseg.core.errors import ConfigError
+from geoseg.core.heads import InstanceChannel, Normalize
 
 
 class _Strict(BaseModel):

@@ -18,9 +18,9 @@ from affine import Affine
 from rasterio.features import rasterize
 from scipy import ndimage
 
-from geoseg.core.config import InstanceChannel
 from geoseg.core.contract import resolve
 from geoseg.core.errors import ConfigError, InputError
+from geoseg.core.heads import InstanceChannel
 from geoseg.raster.grid import pad_to_square, padded_size, plan_tiles
 from geoseg.train.config import AutoNormalize, SceneSpec, TrainConfig
 from geoseg.train.evaluate import IGNORE

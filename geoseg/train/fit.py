@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from geoseg.core.config import ModelConfig
 from geoseg.core.contract import resolve, save_contract
+from geoseg.core.heads import ModelConfig
 from geoseg.train.config import TrainConfig
 from geoseg.train.data import fit_normalize, load_scene, make_chips
 from geoseg.train.evaluate import IGNORE

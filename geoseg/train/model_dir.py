@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
-from geoseg.core.config import ModelConfig
 from geoseg.core.contract import resolve, save_contract
+from geoseg.core.heads import ModelConfig
 from geoseg.train.config import TrainConfig
 from geoseg.train.data import Scene, _open
 

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from geoseg.core.config import ModelConfig
+from geoseg.core.heads import ModelConfig
 from geoseg.models.blend import blend_image
 from geoseg.raster.grid import padded_size, plan_tiles
 from geoseg.raster.windows import head_windows
@@ -89,11 +89,12 @@ def evaluate(cfg: TrainConfig, spec: ModelConfig, model: torch.nn.Module, scenes
         image, target, valid = s.image[:, rows], s.target[rows], s.valid[rows]
         a["pixels"] += int(valid.sum())
         a["scenes"] += 1
+        tta = spec.tta or "none"  # a head's own test-time augmentation, as the run applies it
         if cfg.eval_blend == "hann":
             hw = head_windows(cfg.eval_window, cfg.eval_overlap, 1.0, image.shape[-1], image.shape[-2])
-            probs = blend_image(model, spec, image, valid, hw)
+            probs = blend_image(model, spec, image, valid, hw, tta)
         else:
-            probs = predict_region(model, spec, image, cfg.eval_tile_size, cfg.eval_halo, valid=valid)
+            probs = predict_region(model, spec, image, cfg.eval_tile_size, cfg.eval_halo, tta, valid=valid)
         if cfg.task == "semantic":
             a["cm"] += confusion(probs.argmax(0), target, n, valid)
         else:
