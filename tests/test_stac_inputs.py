@@ -181,3 +181,43 @@ def test_items_done_are_skipped_and_an_updated_item_is_redone(ray_session, carta
     third = run([str(path)], tmp_path / "out", config, progress=False)
     assert third.processed == 1 and third.skipped == 1
     assert [s["output"] for s in third.summaries if s["run"] == third.run_id] == ["second"]
+
+
+def test_item_and_its_assets_on_s3(ray_session, cartagena, s3_bucket, tmp_path):
+    """An Item on S3 (moto's server on 127.0.0.1) whose assets lie beside it (relative hrefs) runs
+    as the same Item on disk does, and a rerun skips it by its assets' ETags."""
+    import boto3
+    from rasterio.windows import Window
+
+    local = tmp_path / "local"
+    local.mkdir()
+    files = {}
+    for band in ("B02", "B03", "B04", "B08"):  # a 256 x 256 crop of each band keeps the run short
+        with rasterio.open(cartagena[band]) as src:
+            profile = src.profile | {
+                "width": 256,
+                "height": 256,
+                "transform": src.window_transform(Window(0, 0, 256, 256)),
+            }
+            with rasterio.open(local / f"{band}.tif", "w", **profile) as dst:
+                dst.write(src.read(window=Window(0, 0, 256, 256)))
+        files[band] = local / f"{band}.tif"
+    item = band_item(local, "S2A_cartagena_s3", files)
+    item.make_asset_hrefs_relative()
+    item.save_object(include_self_link=False)
+    s3 = boto3.session.Session().client("s3")
+    for path in local.iterdir():
+        s3.upload_file(str(path), s3_bucket, f"scenes/{path.name}")
+    href = f"s3://{s3_bucket}/scenes/S2A_cartagena_s3.json"
+    config = load_config(CLOUDS)
+    on_disk = run([str(local / "S2A_cartagena_s3.json")], tmp_path / "disk", config, progress=False)
+    on_s3 = run([href], tmp_path / "s3", config, progress=False)
+    assert on_disk.ok and on_s3.ok, (on_disk.failures, on_s3.failures)
+    name = "S2A_cartagena_s3"
+    with (
+        rasterio.open(tmp_path / "disk" / name / f"{name}_clouds.tif") as a,
+        rasterio.open(tmp_path / "s3" / name / f"{name}_clouds.tif") as b,
+    ):
+        assert (a.transform, a.shape) == (b.transform, b.shape) and (a.read(1) == b.read(1)).all()
+    again = run([href], tmp_path / "s3", config, progress=False)
+    assert again.ok and again.skipped == 1

@@ -30,12 +30,27 @@ import rasterio
 from rasterio.errors import RasterioIOError
 
 from geoseg.core.errors import InputError
-from geoseg.core.s3 import file_fingerprint, gdal_path
+from geoseg.core.s3 import file_fingerprint, gdal_path, is_s3, s3_client, split_uri
 
 ITEM_SEPARATOR = "#"
 # Items a STAC API search returned, by their URL (the input path that names each): a run looks each
 # Item up several times, and an API is asked once.
 _SEARCHED: dict[str, pystac.Item] = {}
+
+
+class _StacIO(pystac.stac_io.DefaultStacIO):
+    """pystac's reader, with ``s3://`` documents read through boto3 (the run's endpoint and
+    credentials, as the outputs use) rather than left to fail."""
+
+    def read_text_from_href(self, href: str) -> str:
+        if is_s3(href):
+            bucket, key = split_uri(href)
+            body: bytes = s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+            return body.decode("utf-8")
+        return super().read_text_from_href(href)
+
+
+_STAC_IO = _StacIO()
 
 
 def remember_items(found: list[tuple[str, pystac.Item]]) -> None:
@@ -71,7 +86,11 @@ def _read_items_of_file(href: str, size: int, mtime_ns: int) -> list[tuple[str, 
 
 def _read_items(href: str) -> list[tuple[str, pystac.Item]]:
     try:
-        obj: Any = pystac.read_file(href) if _has_type(href) else pystac.ItemCollection.from_file(href)
+        obj: Any = (
+            pystac.read_file(href, stac_io=_STAC_IO)
+            if _has_type(href)
+            else pystac.ItemCollection.from_file(href, stac_io=_STAC_IO)
+        )
     except Exception as exc:  # noqa: BLE001 (pystac raises many kinds; one line names the file)
         raise InputError(href, f"not a readable STAC document ({str(exc).splitlines()[0][:200]})") from None
     if isinstance(obj, pystac.Item):
@@ -85,7 +104,7 @@ def _read_items(href: str) -> list[tuple[str, pystac.Item]]:
 def _has_type(href: str) -> bool:
     """ItemCollections (GeoJSON FeatureCollections) are read by their own class in pystac."""
     try:
-        data = pystac.StacIO.default().read_json(href)
+        data = _STAC_IO.read_json(href)
     except Exception:  # noqa: BLE001
         return True  # pystac.read_file then says what is wrong
     return data.get("type") != "FeatureCollection"
