@@ -221,3 +221,23 @@ def test_item_and_its_assets_on_s3(ray_session, cartagena, s3_bucket, tmp_path):
         assert (a.transform, a.shape) == (b.transform, b.shape) and (a.read(1) == b.read(1)).all()
     again = run([href], tmp_path / "s3", config, progress=False)
     assert again.ok and again.skipped == 1
+
+
+def test_a_config_maps_bands_to_assets_by_name(cartagena, tmp_path):
+    """A head's ``input.names`` in the config (it overrides the model's contract) may name the
+    Item's bands or asset keys themselves: [B04, B03, B02] stacks red, green, blue in that order."""
+    files = {b: cartagena[b] for b in ("B02", "B03", "B04")}
+    item = band_item(tmp_path, "mapped", files)
+    head = {
+        "task": "semantic",
+        "classes": ["a", "b"],
+        "bands": [1, 2, 3],
+        "factory": "x.py:y",
+        "input": {"names": ["B04", "B03", "B02"]},
+    }
+    vrt, _ = item_vrt("mapped.json", item, config_from_dict({"models": {"m": head}}))
+    with rasterio.open(vrt) as ds:
+        stacked = ds.read()
+    for k, band in enumerate(("B04", "B03", "B02")):
+        with rasterio.open(files[band]) as src:
+            assert (stacked[k] == src.read(1)).all(), band
