@@ -1,0 +1,1 @@
+"""The ``geoseg`` command (``main``: run, synth, train) over the Python API."""
