@@ -394,3 +394,35 @@ def test_held_out_scoring_blends_as_the_run_does(ray_session, tmp_path):
     probs = blend_image(model, spec, image, valid, head_windows(window, overlap, 1.0, 700, 700))
     agree = float((probs.argmax(0) == written)[valid].mean())
     assert agree >= 0.9999, agree  # (float sums in another order may flip a tie)
+
+
+def test_window_cache_is_safe_for_an_actors_two_calls():
+    """A GPU actor runs two calls at once on one cache: lookups, stores and row drops from two
+    threads never fail, and the bytes it counts stay those of what it holds."""
+    import threading
+
+    import torch
+
+    from geoseg.models.blend import WindowCache
+
+    cache = WindowCache(max_bytes=64 * 1024)
+    errors: list[BaseException] = []
+
+    def work(seed: int) -> None:
+        try:
+            for i in range(4000):
+                key = ("scene", "head", (i * 7 + seed) % 50 * 8, 0)
+                if cache.get(key) is None:
+                    cache.put(key, torch.zeros(16, 16, dtype=torch.uint8), side=8)
+                if i % 5 == seed:
+                    cache.drop_above("scene", (i * 3) % 400)
+        except BaseException as exc:  # noqa: BLE001 (any failure in a thread is the test's)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+    assert cache.bytes == sum(v.numel() * v.element_size() for v in cache.items.values())

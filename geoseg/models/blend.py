@@ -10,6 +10,7 @@ cache: a window not found is computed again, the same way.
 from __future__ import annotations
 
 import collections
+import threading
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -27,9 +28,11 @@ WindowKey = tuple[str, str, int, int]  # scene key, head, row, col
 
 
 class WindowCache:
-    """Least recently used window outputs, up to ``max_bytes``."""
+    """Least recently used window outputs, up to ``max_bytes``. Thread-safe: a GPU model actor runs
+    two calls at once (one batch is copied while the other runs), and both use its cache."""
 
     def __init__(self, max_bytes: int) -> None:
+        self.lock = threading.Lock()
         self.max_bytes = max_bytes
         self.bytes = 0
         self.items: collections.OrderedDict[WindowKey, torch.Tensor] = collections.OrderedDict()
@@ -37,33 +40,38 @@ class WindowCache:
         self.hits = self.misses = 0
 
     def get(self, key: WindowKey) -> torch.Tensor | None:
-        value = self.items.get(key)
-        if value is None:
-            self.misses += 1
-            return None
-        self.hits += 1
-        self.items.move_to_end(key)
-        return value
+        with self.lock:
+            value = self.items.get(key)
+            if value is None:
+                self.misses += 1
+                return None
+            self.hits += 1
+            self.items.move_to_end(key)
+            return value
 
     def drop_above(self, scene_key: str, row: int) -> None:
         """Forget the scene's windows that end above ``row``: tiles come to an actor row by row, so
         no later tile needs them (a tile sent again would compute them again)."""
-        for key in [k for k in self.items if k[0] == scene_key and k[2] + self.sides.get(k, 0) <= row]:
-            value = self.items.pop(key)
-            self.sides.pop(key, None)
-            self.bytes -= value.numel() * value.element_size()
+        with self.lock:
+            for key in [k for k in self.items if k[0] == scene_key and k[2] + self.sides.get(k, 0) <= row]:
+                value = self.items.pop(key)
+                self.sides.pop(key, None)
+                self.bytes -= value.numel() * value.element_size()
 
     def put(self, key: WindowKey, value: torch.Tensor, side: int) -> None:
         size = value.numel() * value.element_size()
         if size > self.max_bytes:
             return
-        self.items[key] = value
-        self.sides[key] = side
-        self.bytes += size
-        while self.bytes > self.max_bytes:
-            old_key, old = self.items.popitem(last=False)
-            self.sides.pop(old_key, None)
-            self.bytes -= old.numel() * old.element_size()
+        with self.lock:
+            if key in self.items:  # (the other call computed it too)
+                return
+            self.items[key] = value
+            self.sides[key] = side
+            self.bytes += size
+            while self.bytes > self.max_bytes:
+                old_key, old = self.items.popitem(last=False)
+                self.sides.pop(old_key, None)
+                self.bytes -= old.numel() * old.element_size()
 
 
 def _padded(arr: np.ndarray, have: Any, top: int, left: int, bottom: int, right: int) -> np.ndarray:
