@@ -251,34 +251,19 @@ def test_nightly_script_builds_the_documented_command(tmp_path):
     fake.chmod(0o755)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PATH"] = f"{fake.parent}:{env['PATH']}"
-    out = subprocess.run(
-        ["bash", "jobs/nightly.sh", "/data/scenes", "/data/out"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.splitlines()
+
+    def nightly(*args: str) -> list[str]:
+        run = subprocess.run(["bash", "jobs/nightly.sh", *args], cwd=REPO, env=env, capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+        return run.stdout.splitlines()
+
+    out = nightly("/data/scenes", "/data/out")
     assert out == ["RAY_ADDRESS=auto", "run", "/data/scenes", "--out", "/data/out", "--recursive"]
     env["RAY_ADDRESS"] = "10.0.0.1:6379"
-    out = subprocess.run(
-        ["bash", "jobs/nightly.sh", "s", "o", "my config.yaml"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.splitlines()
+    out = nightly("s", "o", "my config.yaml")
     assert out[0] == "RAY_ADDRESS=10.0.0.1:6379" and out[-2:] == ["--config", "my config.yaml"]
     # SCENES '-': no scenes, the config's saved STAC API search alone.
-    out = subprocess.run(
-        ["bash", "jobs/nightly.sh", "-", "o", "search.yaml"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.splitlines()
+    out = nightly("-", "o", "search.yaml")
     assert out[1:] == ["run", "--out", "o", "--config", "search.yaml"]
     alone = subprocess.run(["bash", "jobs/nightly.sh", "-", "o"], cwd=REPO, env=env, capture_output=True, text=True)
     assert alone.returncode == 2 and "needs a CONFIG" in alone.stderr

@@ -10,6 +10,7 @@ cache: a window not found is computed again, the same way.
 from __future__ import annotations
 
 import collections
+import contextlib
 import threading
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -102,21 +103,22 @@ def _to_model_grid(
 
 
 def _window_probs(
-    predictor: Predictor,
     spec: ModelConfig,
     model: torch.nn.Module,
     x: torch.Tensor,
     valid: torch.Tensor | None,
     hw: HeadWindows,
+    tta: str,
+    autocast: contextlib.AbstractContextManager[Any],
 ) -> torch.Tensor:
-    """uint8 probabilities (p * 255) ``B x K x model_side x model_side`` of raw windows ``x``."""
-
+    """uint8 probabilities (p * 255) ``B x K x model_side x model_side`` of raw windows ``x``, the
+    network run inside ``autocast`` (the actor's precision; none for scoring)."""
     x = x.float()
     if hw.resampled:
         x, valid = _to_model_grid(x, valid, hw)
     x = mask_invalid(normalize(x, spec), valid).contiguous(memory_format=torch.channels_last)
-    with predictor.autocast(spec):
-        probs = predict_probs(model, x, spec, spec.tta or predictor.config.runtime.tta)
+    with autocast:
+        probs = predict_probs(model, x, spec, tta)
     return (probs * 255).round().to(torch.uint8)
 
 
@@ -173,11 +175,7 @@ def blend_image(
                 np.ascontiguousarray(image[:, r - top : r - top + hw.side, c - left : c - left + hw.side])
             )
             vt = None if v.all() else torch.from_numpy(np.ascontiguousarray(v))[None]
-            x = x[None].float()
-            if hw.resampled:
-                x, vt = _to_model_grid(x, vt, hw)
-            x = mask_invalid(normalize(x, spec), vt)
-            probs = (predict_probs(model, x, spec, tta) * 255).round()[0] / 255.0
+            probs = _window_probs(spec, model, x[None], vt, hw, tta, contextlib.nullcontext())[0].float() / 255.0
             if hw.resampled:
                 probs = F.interpolate(probs[None], size=(hw.side, hw.side), mode="bilinear", align_corners=False)[0]
             y0, y1, x0, x1 = max(r, 0), min(r + hw.side, h), max(c, 0), min(c + hw.side, w)
@@ -237,7 +235,8 @@ def _head_windows(
             valids.append(valid[r : r + hw.side, c : c + hw.side])
         x = torch.from_numpy(np.stack(images)).to(predictor.device)
         v = torch.from_numpy(np.stack(valids)).to(predictor.device)
-        out = _window_probs(predictor, spec, model, x, None if bool(v.all()) else v, hw)
+        tta = spec.tta or predictor.config.runtime.tta
+        out = _window_probs(spec, model, x, None if bool(v.all()) else v, hw, tta, predictor.autocast(spec))
         for key, probs in zip(part, out):
             found[key] = probs
             predictor.cache.put(key, probs, hw.side)
