@@ -4,6 +4,7 @@ tests write with pystac, run without stacking them by hand."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -183,31 +184,39 @@ def test_items_done_are_skipped_and_an_updated_item_is_redone(ray_session, carta
     assert [s["output"] for s in third.summaries if s["run"] == third.run_id] == ["second"]
 
 
-def test_item_and_its_assets_on_s3(ray_session, cartagena, s3_bucket, tmp_path):
-    """An Item on S3 (moto's server on 127.0.0.1) whose assets lie beside it (relative hrefs) runs
-    as the same Item on disk does, and a rerun skips it by its assets' ETags."""
-    import boto3
+def _band_crops(cartagena: dict[str, Path], folder: Path, side: int = 256) -> dict[str, Path]:
+    """A ``side`` x ``side`` crop of each of the four band files (short runs), in ``folder``."""
     from rasterio.windows import Window
 
-    local = tmp_path / "local"
-    local.mkdir()
+    folder.mkdir()
     files = {}
-    for band in ("B02", "B03", "B04", "B08"):  # a 256 x 256 crop of each band keeps the run short
+    for band in ("B02", "B03", "B04", "B08"):
         with rasterio.open(cartagena[band]) as src:
-            profile = src.profile | {
-                "width": 256,
-                "height": 256,
-                "transform": src.window_transform(Window(0, 0, 256, 256)),
-            }
-            with rasterio.open(local / f"{band}.tif", "w", **profile) as dst:
-                dst.write(src.read(window=Window(0, 0, 256, 256)))
-        files[band] = local / f"{band}.tif"
-    item = band_item(local, "S2A_cartagena_s3", files)
+            window = Window(0, 0, side, side)
+            profile = src.profile | {"width": side, "height": side, "transform": src.window_transform(window)}
+            with rasterio.open(folder / f"{band}.tif", "w", **profile) as dst:
+                dst.write(src.read(window=window))
+        files[band] = folder / f"{band}.tif"
+    return files
+
+
+def _upload_item(local: Path, files: dict[str, Path], item_id: str, bucket: str) -> None:
+    """An Item of ``files`` whose assets lie beside it (relative hrefs), uploaded with them to ``bucket/scenes/``."""
+    import boto3
+
+    item = band_item(local, item_id, files)
     item.make_asset_hrefs_relative()
     item.save_object(include_self_link=False)
     s3 = boto3.session.Session().client("s3")
     for path in local.iterdir():
-        s3.upload_file(str(path), s3_bucket, f"scenes/{path.name}")
+        s3.upload_file(str(path), bucket, f"scenes/{path.name}")
+
+
+def test_item_and_its_assets_on_s3(ray_session, cartagena, s3_bucket, tmp_path):
+    """An Item on S3 (moto's server on 127.0.0.1) whose assets lie beside it (relative hrefs) runs
+    as the same Item on disk does, and a rerun skips it by its assets' ETags."""
+    local = tmp_path / "local"
+    _upload_item(local, _band_crops(cartagena, local), "S2A_cartagena_s3", s3_bucket)
     href = f"s3://{s3_bucket}/scenes/S2A_cartagena_s3.json"
     config = load_config(CLOUDS)
     on_disk = run([str(local / "S2A_cartagena_s3.json")], tmp_path / "disk", config, progress=False)
@@ -221,6 +230,75 @@ def test_item_and_its_assets_on_s3(ray_session, cartagena, s3_bucket, tmp_path):
         assert (a.transform, a.shape) == (b.transform, b.shape) and (a.read(1) == b.read(1)).all()
     again = run([href], tmp_path / "s3", config, progress=False)
     assert again.ok and again.skipped == 1
+
+
+@pytest.fixture
+def http_bucket() -> Iterator[tuple[str, str]]:
+    """A public-read bucket of an S3 API in its own process (moto's server on 127.0.0.1), read over
+    plain HTTP without credentials as public buckets serve STAC assets; yields (endpoint, bucket).
+    Its own process: GDAL holds the GIL while it opens a URL, so a server thread in this process
+    could never answer the driver."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    import boto3
+    from helpers.pgstac import free_port
+
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.1)
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="public-scenes")
+        yield endpoint, "public-scenes"
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def test_item_over_http_is_skipped_by_its_assets_etags_and_redone_when_one_changes(
+    ray_session, cartagena, s3_server, http_bucket, tmp_path
+):
+    """An Item and its band files read over plain HTTP (an S3 API answering anonymous GET and HEAD
+    for public objects, as public buckets serve STAC assets over https): the second run skips the
+    Item by its assets' ETags (HEAD requests), and after one band file is replaced the third redoes it."""
+    import boto3
+
+    endpoint, bucket = http_bucket
+    s3 = boto3.client("s3", endpoint_url=endpoint)
+    local = tmp_path / "local"
+    files = _band_crops(cartagena, local, side=128)
+    item = band_item(local, "S2A_cartagena_http", files)
+    item.make_asset_hrefs_relative()
+    item.save_object(include_self_link=False)
+    for path in local.iterdir():
+        s3.upload_file(str(path), bucket, f"scenes/{path.name}", ExtraArgs={"ACL": "public-read"})
+    url = f"{endpoint}/{bucket}/scenes/S2A_cartagena_http.json"
+    config = load_config(CLOUDS, {"tiling": {"window": 128, "overlap": 32}})  # (faster: the grid is not under test)
+    first = run([url], tmp_path / "out", config, progress=False)
+    assert first.ok and first.processed == 1, first.failures
+    assets = first.summaries[0]["fingerprint"]["assets"]
+    assert sorted(assets) == ["B02", "B03", "B04", "B08"] and all(a["etag"] and a["bytes"] > 0 for a in assets.values())
+    again = run([url], tmp_path / "out", config, progress=False)
+    assert again.ok and (again.processed, again.skipped) == (0, 1)
+    with rasterio.open(files["B08"], "r+") as ds:  # one pixel of the near infrared band changes
+        pixels = ds.read(1)
+        pixels[0, 0] += 1
+        ds.write(pixels, 1)
+    s3.upload_file(str(files["B08"]), bucket, "scenes/B08.tif", ExtraArgs={"ACL": "public-read"})
+    third = run([url], tmp_path / "out", config, progress=False)
+    assert third.ok and (third.processed, third.skipped) == (1, 0), third.failures
 
 
 def test_a_config_maps_bands_to_assets_by_name(cartagena, tmp_path):

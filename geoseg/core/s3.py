@@ -1,12 +1,15 @@
 """S3 and GDAL paths: which locations are S3 objects, their ``/vsis3/`` names for GDAL, the storage
-variables each Ray worker is handed (``storage_env`` / ``apply_storage_env``), an object's size and
-ETag, and the rasters under a prefix. Both GDAL and boto3 take endpoint and credentials from the
+variables each Ray worker is handed (``storage_env`` / ``apply_storage_env``), what identifies a
+file's bytes (a local file's size and mtime, an S3 object's or an HTTP(S) file's size and ETag or
+Last-Modified), and the rasters under a prefix. Both GDAL and boto3 take endpoint and credentials from the
 environment, so the driver passes the variables on rather than every worker depending on how its
 node was set up."""
 
 from __future__ import annotations
 
 import os
+import urllib.error
+import urllib.request
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -156,11 +159,45 @@ def object_info(uri: str) -> dict[str, Any] | None:
     return {"bytes": int(head["ContentLength"]), "etag": str(head.get("ETag", "")).strip('"')}
 
 
+HTTP_HEAD_TIMEOUT_S = 20
+
+
+def url_info(url: str) -> dict[str, Any] | None:
+    """Size and ETag (or Last-Modified, where the server sends no ETag) of the file at an ``http(s)://``
+    URL, from one HEAD request; None when it cannot be reached or says neither (reading it will say
+    why). A signed URL's query (Planetary Computer's tokens) changes from search to search; these
+    headers describe the bytes and do not."""
+    try:
+        request = urllib.request.Request(url, method="HEAD")
+        with urllib.request.urlopen(request, timeout=HTTP_HEAD_TIMEOUT_S) as answer:
+            headers = answer.headers
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+    tag = {"etag": headers["ETag"].strip('"')} if headers.get("ETag") else {}
+    if not tag and headers.get("Last-Modified"):
+        tag = {"last_modified": headers["Last-Modified"]}
+    if not tag:
+        return None
+    length = headers.get("Content-Length")
+    return {"bytes": int(length) if length and length.isdigit() else None, **tag}
+
+
+def is_http(path: str) -> bool:
+    """``http(s)://`` URLs, and GDAL's ``/vsicurl/`` form of them."""
+    lowered = str(path).lower()
+    return lowered.startswith(("http://", "https://", "/vsicurl/http://", "/vsicurl/https://"))
+
+
 def file_fingerprint(path: str) -> dict[str, Any] | None:
     """What identifies a file's bytes without reading them: size and mtime of a local file, size and
-    ETag of an S3 object; None where neither is known."""
+    ETag of an S3 object, size and ETag or Last-Modified of an HTTP(S) file; None where none is known
+    (the input is then always processed)."""
     if is_s3(path) or path.startswith("/vsis3/"):
         return object_info(path)
+    if is_http(path):
+        return url_info(path.removeprefix("/vsicurl/"))
+    if "://" in path:  # another scheme (gs://, az://): nothing known without its SDK
+        return None
     try:
         st = os.stat(path)
     except OSError:

@@ -297,14 +297,12 @@ LINEAGE_PROPERTIES = ("platform", "constellation", "instruments", "eo:cloud_cove
 
 def item_fingerprint(path: str) -> dict[str, Any] | None:
     """What identifies an Item input's content without reading pixels: its ``updated`` time and each
-    asset's size and mtime (local) or size and ETag (S3). None where an asset says neither (an
-    ``https://`` asset): the Item is then always processed."""
+    asset's size and mtime (local), or size and ETag (S3; HTTP(S): ETag or Last-Modified, from a HEAD
+    request). None where an asset says none of these: the Item is then always processed."""
     item = load_item(path)
     assets = {}
     for key, asset in sorted(item.assets.items()):
         href = asset_href(asset)
-        if "://" in href and not href.startswith("s3://"):
-            return None
         assets[key] = file_fingerprint(href)
         if assets[key] is None:
             return None
