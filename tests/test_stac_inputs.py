@@ -137,6 +137,27 @@ def test_item_whose_file_is_missing_names_the_href(ray_session, cartagena, tmp_p
     assert "\n" not in error and not (tmp_path / "out" / "broken").exists()
 
 
+def test_item_whose_bands_lie_in_two_crss_is_refused_naming_both(ray_session, cartagena, tmp_path):
+    """A band file in another CRS than the others (here B08's pixels labelled with UTM zone 30N)
+    fails its Item in one line naming both bands, both CRSs and what to do; nothing is written."""
+    with rasterio.open(cartagena["B08"]) as ds:
+        profile, pixels, crs = ds.profile, ds.read(1), ds.crs
+    other = rasterio.crs.CRS.from_epsg(32630)
+    assert other != crs
+    moved = tmp_path / "B08_other_zone.tif"
+    with rasterio.open(moved, "w", **(profile | {"crs": other})) as out:
+        out.write(pixels, 1)
+    files = {b: cartagena[b] for b in ("B02", "B03", "B04")} | {"B08": moved}
+    item = band_item(tmp_path, "two_crss", files)
+    item.save_object(include_self_link=True)
+    report = run([item.get_self_href()], tmp_path / "out", load_config(CLOUDS), progress=False)
+    ((path, error),) = report.failures
+    assert path == item.get_self_href() and "\n" not in error
+    assert "band 'nir'" in error and "band 'blue'" in error and "warp the assets to one CRS first" in error
+    assert str(other) in error and str(crs) in error
+    assert not (tmp_path / "out" / "two_crss").exists()
+
+
 def test_sentinel2_config_runs_ships_and_clouds_on_an_item(ray_session, shared_data, tmp_path):
     """configs/sentinel2.yaml (ships at 10 m, clouds at 30 m) on Honolulu's four band files as an
     Item: both masks on the 10 m grid, the ships counted, the cloud cover reported."""
