@@ -92,3 +92,37 @@ def test_bf16_runs_in_bf16_and_a_pinned_head_in_fp32(tmp_path):
     assert _run(tmp_path, "bf16", pinned=False) == 1
     assert _run(tmp_path, "bf16", pinned=True) == 0
     assert _run(tmp_path, "fp32", pinned=False) == 0
+
+
+def test_precision_flag_is_recorded_and_a_change_redoes_the_input(ray_session, tmp_path):
+    """``geoseg run --precision``: the mask shows the format the network really ran in, each scene's
+    summary.json and STAC Item record it (``device``), and changing it redoes an unchanged input."""
+    import json
+
+    import rasterio
+    import yaml
+    from click.testing import CliRunner
+
+    from geoseg.cli.main import cli
+    from geoseg.train.synth import write_scene
+
+    scene = tmp_path / "scene.tif"
+    write_scene(scene, size=96, seed=3)
+    (tmp_path / "probe.py").write_text(PROBE)
+    head = {"task": "semantic", "classes": ["fp32", "bf16"], "bands": [1, 2, 3], "factory": "probe.py:probe"}
+    config = tmp_path / "probe.yaml"
+    config.write_text(yaml.safe_dump({"tiling": {"tile_size": 64, "halo": 0, "blend": "none"}, "models": {"probe": head}}))
+    out = tmp_path / "out"
+    made = []
+    for precision in ("bf16", "fp32", "fp32"):
+        args = ["-q", "run", str(scene), "--out", str(out), "--config", str(config), "--device", "cpu"]
+        result = CliRunner().invoke(cli, [*args, "--precision", precision])
+        assert result.exit_code == 0, result.output
+        summary = json.loads((out / "scene" / "summary.json").read_text())
+        item = json.loads((out / "scene" / "scene.stac.json").read_text())
+        with rasterio.open(out / "scene" / "scene_probe.tif") as ds:
+            classes = np.unique(ds.read(1, masked=True).compressed())
+        made.append((summary["run"], summary["device"], item["properties"]["geoseg:device"], classes.tolist()))
+    assert made[0][1:] == ("cpu bf16", "cpu bf16", [1])
+    assert made[1][1:] == ("cpu fp32", "cpu fp32", [0]) and made[1][0] != made[0][0]  # redone
+    assert made[2] == made[1]  # the same precision again: skipped, the outputs untouched

@@ -56,6 +56,12 @@ def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
 )
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None)
 @click.option(
+    "--precision",
+    type=click.Choice(["auto", "bf16", "fp16", "fp32"]),
+    default=None,
+    help="Number format of the networks (auto: bf16 on CUDA and on CPUs with native bf16, else fp32).",
+)
+@click.option(
     "--vectors",
     default=None,
     metavar="FORMATS",
@@ -92,6 +98,7 @@ def run(
     overlap: int | None,
     batch_size: int | None,
     device: str | None,
+    precision: str | None,
     vectors: str | None,
     address: str | None,
     recursive: bool,
@@ -132,7 +139,7 @@ def run(
 
     overrides: dict[str, dict[str, Any]] = {
         "tiling": {"tile_size": tile_size, "halo": halo, "blend": blend, "window": window, "overlap": overlap},
-        "runtime": {"batch_size": batch_size, "device": device},
+        "runtime": {"batch_size": batch_size, "device": device, "precision": precision},
         "output": {"vectors": vectors},
         "stac_api": {
             "url": stac_api,

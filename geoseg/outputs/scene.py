@@ -158,6 +158,7 @@ class SceneJob:
             "fingerprint": self.info.fingerprint,  # the input's size and mtime (or ETag) when it was read
             "config": self.stamp.get("config", ""),
             "run": self.stamp.get("run", ""),
+            "device": self.stamp.get("device", ""),  # where the models ran and their precision: "cpu bf16"
             "tiles": self.n_tiles,
             "tiles_resumed": self.resumed,  # taken from an earlier run's checkpoints, not recomputed
             "valid_pixels": self.valid_pixels,

@@ -276,7 +276,7 @@ def scene_item(
     item.properties["processing:software"] = {"geoseg": geoseg.__version__}
     item.properties["geoseg:input"] = info.path
     item.properties["geoseg:datetime"] = "acquisition" if acquired else "processing"
-    for key in ("run", "config"):
+    for key in ("run", "config", "device"):
         if (stamp or {}).get(key):
             item.properties[f"geoseg:{key}"] = stamp[key]  # type: ignore[index]
     item.stac_extensions.append(PROCESSING_EXTENSION)

@@ -72,7 +72,9 @@ class Scheduler(FailurePolicy):
         self.config_ref, self.env_ref = ray.put(config), ray.put(env)
         runtime = config.runtime
         self.per_actor = (runtime.batches_in_flight_per_actor + EXTRA_BATCHES_IN_FLIGHT) * runtime.batch_size
-        self.stamp = {"config": report.config_id, "run": report.run_id}  # recorded in each summary.json
+        # Recorded in each summary.json and STAC Item: device is where the models ran and their number
+        # format ("cpu bf16"), which runtime.precision: auto picks by machine.
+        self.stamp = {"config": report.config_id, "run": report.run_id, "device": report.device}
         self.current: Scene | None = None
         self.acks: dict[Any, Batch] = {}  # ack ref -> its batch
         self.retry: collections.deque[Batch] = collections.deque()  # batches to send again, first
