@@ -111,7 +111,8 @@ def test_precision_flag_is_recorded_and_a_change_redoes_the_input(ray_session, t
     (tmp_path / "probe.py").write_text(PROBE)
     head = {"task": "semantic", "classes": ["fp32", "bf16"], "bands": [1, 2, 3], "factory": "probe.py:probe"}
     config = tmp_path / "probe.yaml"
-    config.write_text(yaml.safe_dump({"tiling": {"tile_size": 64, "halo": 0, "blend": "none"}, "models": {"probe": head}}))
+    tiling = {"tile_size": 64, "halo": 0, "blend": "none"}
+    config.write_text(yaml.safe_dump({"tiling": tiling, "models": {"probe": head}}))
     out = tmp_path / "out"
     made = []
     for precision in ("bf16", "fp32", "fp32"):
