@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -101,9 +102,22 @@ def ray_for_run(address: str | None) -> Iterator[None]:
 
 def _shut_down(session: Path | None) -> None:
     """At exit: stop the Ray this process started or joined, then remove a local session folder."""
+    if session is not None:
+        _stop_autoscaler_monitor()
     ray.shutdown()
     if session is not None and not os.environ.get("GEOSEG_KEEP_RAY_SESSION"):
         remove_session(session)
+
+
+def _stop_autoscaler_monitor() -> None:
+    """End a local Ray's autoscaler monitor (it has nothing to scale) before ``ray.shutdown()``, which
+    stops it after the GCS: its SIGTERM handler then tries to report its end to the GCS that is
+    gone, until Ray kills it a second later (1.0 of the 1.5 s that shutdown took here)."""
+    node: Any = getattr(ray._private.worker, "_global_node", None)
+    for info in getattr(node, "all_processes", {}).get("monitor", []):  # Ray's PROCESS_TYPE_MONITOR
+        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+            info.process.kill()
+            info.process.wait(timeout=2)
 
 
 def _session_dir() -> Path | None:
