@@ -66,7 +66,7 @@ SMALL_SCENES_BEFORE = "2a64f10"
 KEPT = (*SECTIONS, "gpu")  # sections of results.json kept when not re-run (others are superseded: dropped)
 CLASSES5 = ["c0", "c1", "c2", "c3", "c4"]
 # Blended U-Net runs of the unet section: (window, overlap) in model pixels, precision; tiles of BLEND_TILE.
-BLEND_SETTINGS = ((512, 128, "fp32"), (512, 64, "fp32"), (512, 128, "bf16"))
+BLEND_SETTINGS = ((512, 128, "fp32"), (512, 64, "fp32"), (512, 128, "bf16"), (1024, 128, "bf16"))
 BLEND_TILE = 1024
 
 
@@ -531,6 +531,7 @@ def bench_unet(size: int, batches: int) -> dict[str, Any]:
                 str(batch),
             ],
             python=env["python"],
+            monitor=True,  # its memory as geoseg's is measured: the process tree's summed PSS
         )
         peer.update(load_avg_before=load, load_avg_after=_load())
         out_tif.unlink(missing_ok=True)
@@ -580,6 +581,7 @@ def bench_unet(size: int, batches: int) -> dict[str, Any]:
             "x",
         ),
         check("same weights in the model-alone and the peer run (state_dict digest)", same_weights, "", "yes"),
+        check("geoai-py peak memory (summed PSS, as for geoseg)", _get(peer, "whole_job_peak_mib"), "MiB"),
     ]
     for key, run in blended.items():
         wo, precision = key.split()
@@ -593,7 +595,19 @@ def bench_unet(size: int, batches: int) -> dict[str, Any]:
                 ratio(geoai_s, _get(run, "wall_s")),
                 "x",
             ),
+            check(
+                f"geoseg blended {key} / geoai speed, whole processes, Popen to exit",
+                ratio(_get(peer, "process_wall_s"), _get(run, "process_wall_s")),
+                "x",
+                ">= 1.5" if precision == "bf16" else None,
+            ),
             check(f"blended {key}: whole-job peak memory", _get(run, "whole_job_peak_mib"), "MiB"),
+            check(
+                f"blended {key}: whole-job peak / geoai's peak",
+                ratio(_get(run, "whole_job_peak_mib"), _get(peer, "whole_job_peak_mib")),
+                "",
+                "<= 0.25",
+            ),
         ]
     return {
         "title": "U-Net ResNet-18: pipeline vs the model alone vs geoai-py",
@@ -1009,10 +1023,17 @@ def bench_precision() -> dict[str, Any]:
 
     synth = SCRATCH / "precision-synth-1024.tif"
     write_scene(synth, size=1024, seed=31)
-    cases = [f"default={DEFAULT_CONFIG}={synth}"]
+    cases = [f"synthetic={DEFAULT_CONFIG}={synth}"]
+    from geoseg.demo import _real_scene
+
+    aerial = _real_scene(SCRATCH / "precision-aerial")  # the demo's held-out Nairobi crop at 0.3 m
+    if aerial is not None:
+        cases.append(f"aerial={REPO / 'configs' / 'aerial.yaml'}={aerial}")
     clouds = _cloud_stack()
     if clouds is not None:
         cases.append(f"sentinel2-clouds={REPO / 'configs' / 'sentinel2-clouds.yaml'}={clouds}")
+        # Cartagena is a training port of the ship model; the clouds and ships heads as users run them
+        cases.append(f"sentinel2={REPO / 'configs' / 'sentinel2.yaml'}={clouds}")
     log(f"precision: {len(cases)} configs, fp32 and bf16 each")
     args = ["--out", str(SCRATCH / "precision")]
     for case in cases:
