@@ -74,6 +74,59 @@ def test_resampling_only_beyond_a_quarter_off():
     assert (hw.model_side, hw.side, hw.stride) == (256, 768, 384) and hw.resampled
 
 
+@pytest.mark.parametrize("top, left, bottom, right", [(6, 2, 18, 22), (0, 0, 12, 20), (2, 7, 20, 30), (5, 6, 9, 10)])
+def test_tile_context_is_cut_where_the_read_window_reaches_further_and_reflected_where_it_falls_short(
+    top, left, bottom, right
+):
+    """A tile is read with the context of its widest head, so one head's windows may need less than was
+    read on some sides and more on others: the context is the read pixels cut to the windows' rows
+    and columns, reflected (about the read window's edge) where they fall short."""
+    from geoseg.models.blend import _padded
+
+    have = Window(5, 4, 20, 12)  # columns 5-24, rows 4-15 of the raster were read
+    read = np.random.default_rng(0).integers(0, 255, (3, 12, 20)).astype(np.uint8)
+    # Reference: the read pixels reflected out far enough, then the asked rows and columns taken
+    grow = ((0, 0), (max(4 - top, 0), max(bottom - 16, 0)), (max(5 - left, 0), max(right - 25, 0)))
+    big = np.pad(read, grow, mode="reflect")
+    r0, c0 = 4 - grow[1][0], 5 - grow[2][0]
+    expected = big[:, top - r0 : bottom - r0, left - c0 : right - c0]
+    got = _padded(read, have, top, left, bottom, right)
+    assert got.shape == (3, bottom - top, right - left)
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_aerial_config_runs_both_heads_on_drone_imagery_at_its_pixel_size(ray_session, shared_data, tmp_path):
+    """configs/aerial.yaml as users run it (tiles of 512, both heads) on 0.3 m drone imagery: the land-use
+    head reads 8x coarser pixels and so 8x the context of the buildings head; every tile used to fail
+    (the buildings windows needed less than the tile had read). Both masks lie on the input's grid."""
+    from rasterio.enums import Resampling
+
+    src, crop = shared_data / "hotosm_buildings" / "nairobi.tif", tmp_path / "nairobi_0.3m.tif"
+    with rasterio.open(src) as ds:
+        window = Window(14336, 0, 4096, 4096)  # 1024 x 1024 at 0.3 m: the demo's crop, with buildings
+        profile = ds.profile | {
+            "width": 1024,
+            "height": 1024,
+            "transform": ds.window_transform(window) * ds.window_transform(window).scale(4, 4),
+            "tiled": True,
+            "blockxsize": 256,
+            "blockysize": 256,
+            "compress": "deflate",
+            "photometric": "rgb",
+        }
+        data = ds.read(window=window, out_shape=(ds.count, 1024, 1024), resampling=Resampling.average)
+    with rasterio.open(crop, "w", **profile) as out:
+        out.write(data)
+    report = run([str(crop)], tmp_path / "out", load_config(REPO / "configs" / "aerial.yaml"), progress=False)
+    assert report.ok, report.failures
+    out = tmp_path / "out" / crop.stem
+    for head in ("landuse", "buildings"):
+        with rasterio.open(out / f"{crop.stem}_{head}.tif") as ds:
+            assert (ds.shape, ds.transform) == ((1024, 1024), profile["transform"])
+    summary = json.loads((out / "summary.json").read_text())["models"]
+    assert summary["buildings"]["classes"]["building"]["count"] >= 1
+
+
 # -- a real network on real Sentinel-2
 
 

@@ -76,9 +76,16 @@ class WindowCache:
 
 
 def _padded(arr: np.ndarray, have: Any, top: int, left: int, bottom: int, right: int) -> np.ndarray:
-    """``arr`` (``... x h x w``, covering the window ``have``) reflected out to rows ``[top, bottom)``
-    and columns ``[left, right)`` of the raster grid (beyond the raster there is no context)."""
+    """``arr`` (``... x h x w``, covering the window ``have``) cut or reflected out to rows
+    ``[top, bottom)`` and columns ``[left, right)`` of the raster grid (beyond the raster there is no
+    context). Cut where ``have`` reaches further: a tile is read with the context of its widest head
+    (a land-use head reading 8x coarser pixels needs 8x the context of a buildings head)."""
     r0, c0 = int(have.row_off), int(have.col_off)
+    h, w = arr.shape[-2:]
+    rows = slice(max(top - r0, 0), max(min(bottom - r0, h), 0))
+    cols = slice(max(left - c0, 0), max(min(right - c0, w), 0))
+    arr = arr[..., rows, cols]
+    r0, c0 = r0 + rows.start, c0 + cols.start
     h, w = arr.shape[-2:]
     pads = [(0, 0)] * (arr.ndim - 2) + [(r0 - top, bottom - r0 - h), (c0 - left, right - c0 - w)]
     mode: Literal["reflect", "edge"] = "reflect" if min(h, w) > 1 else "edge"
