@@ -42,6 +42,8 @@ def compare(case: str, config_path: str, raster: str, out: Path) -> dict[str, ob
             "device": report.device,
             "failures": [str(e)[:300] for _, e in report.failures],
         }
+        if not report.ok:
+            raise RuntimeError(f"{precision} run failed: {runs[precision]['failures']}")
         folder = next((out / precision).glob("*/summary.json")).parent
         masks[precision] = _masks(folder)
         summary = json.loads((folder / "summary.json").read_text())
