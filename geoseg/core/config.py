@@ -38,7 +38,9 @@ class TilingConfig(_Frozen):
     tile_size: int = Field(default=1024, ge=16, le=8192)
     halo: int = Field(default=32, ge=0, le=1024)
     blend: Literal["hann", "none"] = "hann"
-    window: int = Field(default=512, ge=32, le=4096)
+    # 1024 sharing 128: the networks run on 1.31x the raster's pixels (512 sharing 128: 1.78x) with
+    # the same 128 px crossfade; held-out scores of the aerial models were equal at both.
+    window: int = Field(default=1024, ge=32, le=4096)
     overlap: int = Field(default=128, ge=0, le=2048)
     resample: bool = True
     max_resample: float = Field(default=16.0, ge=1.0)
