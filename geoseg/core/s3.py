@@ -7,6 +7,7 @@ node was set up."""
 
 from __future__ import annotations
 
+import http.client
 import os
 import urllib.error
 import urllib.request
@@ -171,7 +172,7 @@ def url_info(url: str) -> dict[str, Any] | None:
         request = urllib.request.Request(url, method="HEAD")
         with urllib.request.urlopen(request, timeout=HTTP_HEAD_TIMEOUT_S) as answer:
             headers = answer.headers
-    except (urllib.error.URLError, OSError, ValueError):
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError):
         return None
     tag = {"etag": headers["ETag"].strip('"')} if headers.get("ETag") else {}
     if not tag and headers.get("Last-Modified"):
