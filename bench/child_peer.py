@@ -30,7 +30,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--input", required=True)
     ap.add_argument("--output", required=True)
-    ap.add_argument("--state", required=True, help="state_dict saved by torch.save")
+    ap.add_argument("--state", default=None, help="state_dict saved by torch.save (the U-Net)")
+    ap.add_argument(
+        "--model", choices=["unet", "trivial"], default="unet", help="trivial: bench/models.py's 1x1 convolution"
+    )
     ap.add_argument("--tile-size", type=int, default=512)
     ap.add_argument("--overlap", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=4)
@@ -48,8 +51,13 @@ def main() -> None:
 
     from bench.child_model import state_digest
 
-    model = smp.Unet("resnet18", encoder_weights=None, in_channels=3, classes=args.classes)
-    model.load_state_dict(torch.load(args.state, map_location="cpu"))
+    if args.model == "trivial":  # the trivial section's network: zero logits from a 1x1 convolution
+        from bench.models import trivial_semantic
+
+        model = trivial_semantic()
+    else:
+        model = smp.Unet("resnet18", encoder_weights=None, in_channels=3, classes=args.classes)
+        model.load_state_dict(torch.load(args.state, map_location="cpu"))
     model.eval()
 
     def argmax(probs: np.ndarray) -> np.ndarray:

@@ -322,6 +322,25 @@ def _get(d: dict[str, Any], key: str) -> Any:
 # --------------------------------------------------------------------------------------------- sections
 
 
+def _trivial_peer(raster: Path) -> dict[str, Any]:
+    """geoai-py's ``predict_geotiff`` on the trivial section's raster with the same 1x1 convolution
+    (tile 512, overlap 64, batch 4, as in the U-Net section), its process polled as geoseg's job is."""
+    from bench.peer import ensure_peer_venv
+
+    env = ensure_peer_venv(PEER_VENV)
+    if "error" in env:
+        return {"error": env["error"]}
+    log("trivial: peer, geoai-py predict_geotiff with the same 1x1 convolution")
+    out_tif = SCRATCH / "peer-trivial.tif"
+    load = _load()
+    args = ["--input", str(raster), "--output", str(out_tif), "--model", "trivial"]
+    args += ["--tile-size", "512", "--overlap", "64", "--batch-size", "4"]
+    peer = _child("bench.child_peer", args, python=env["python"], monitor=True)
+    peer.update(load_avg_before=load, load_avg_after=_load())
+    out_tif.unlink(missing_ok=True)
+    return peer
+
+
 def bench_trivial(size: int) -> dict[str, Any]:
     tile, halo, batch = 1024, 64, 4
     raster = write_raster(SCRATCH / f"syn-{size}.tif", size, pixel_size=PIXEL_SIZE_M)
@@ -335,6 +354,7 @@ def bench_trivial(size: int) -> dict[str, Any]:
     core = pipeline(
         [raster], semantic_config(TRIVIAL, tile, halo, batch, blend="none"), f"trivial-{size}-core", num_cpus=2
     )
+    peer = _trivial_peer(raster)
     checks = [
         check(
             "Mpx/s steady (core px after the first progress entry / first to last entry)",
@@ -361,6 +381,25 @@ def bench_trivial(size: int) -> dict[str, Any]:
             "x",
         ),
         check("blended / core crop: run() wall", ratio(_get(run, "wall_s"), _get(core, "wall_s")), "x"),
+        check("geoai-py predict_geotiff, same 1x1 convolution: the call", _get(peer, "call_s"), "s"),
+        check(
+            "geoseg blended (default tiling) / geoai speed, whole processes, Popen to exit",
+            ratio(_get(peer, "process_wall_s"), _get(run, "process_wall_s")),
+            "x",
+            ">= 1.2",
+        ),
+        check(
+            "geoseg blended / geoai speed, geoai call s / geoseg run() s",
+            ratio(_get(peer, "call_s"), _get(run, "wall_s")),
+            "x",
+        ),
+        check("geoai-py peak memory (summed PSS, as for geoseg)", _get(peer, "whole_job_peak_mib"), "MiB"),
+        check(
+            "geoseg whole-job peak / geoai's peak",
+            ratio(_get(run, "whole_job_peak_mib"), _get(peer, "whole_job_peak_mib")),
+            "",
+            "<= 0.25",
+        ),
     ]
     log("trivial: I/O floor (read every block, write a deflate COG mask), one process, one core")
     floor = _child("bench.child_io_floor", ["--input", str(raster), "--out", str(SCRATCH / "io-floor.tif")])
@@ -378,6 +417,7 @@ def bench_trivial(size: int) -> dict[str, Any]:
         "checks": checks,
         "run": run,
         "core_crop": core,
+        "peer": peer,
         "io_floor": floor,
         "parameters": {
             "size": size,
