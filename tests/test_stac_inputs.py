@@ -297,7 +297,7 @@ def test_item_over_http_is_skipped_by_its_assets_etags_and_redone_when_one_chang
     import boto3
 
     endpoint, bucket = http_bucket
-    s3 = boto3.client("s3", endpoint_url=endpoint)
+    s3 = boto3.client("s3", endpoint_url=endpoint)  # uploads use s3_server's dummy credentials; reads use none
     local = tmp_path / "local"
     files = _band_crops(cartagena, local, side=128)
     item = band_item(local, "S2A_cartagena_http", files)
