@@ -322,23 +322,51 @@ def _get(d: dict[str, Any], key: str) -> Any:
 # --------------------------------------------------------------------------------------------- sections
 
 
-def _trivial_peer(raster: Path) -> dict[str, Any]:
-    """geoai-py's ``predict_geotiff`` on the trivial section's raster with the same 1x1 convolution
-    (tile 512, overlap 64, batch 4, as in the U-Net section), its process polled as geoseg's job is."""
+PEER_TILING = {"tile": 512, "overlap": 64, "batch": 4}  # geoai's predict_geotiff in both sections
+
+
+def run_peer(raster: Path, tag: str, model_args: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """geoai-py's ``predict_geotiff`` on ``raster`` (``bench/child_peer.py`` with ``model_args``) in the
+    peer environment, its process polled as geoseg's job is (the process tree's summed PSS); returns
+    (its figures, the environment's)."""
     from bench.peer import ensure_peer_venv
 
     env = ensure_peer_venv(PEER_VENV)
     if "error" in env:
-        return {"error": env["error"]}
-    log("trivial: peer, geoai-py predict_geotiff with the same 1x1 convolution")
-    out_tif = SCRATCH / "peer-trivial.tif"
+        return {"error": env["error"]}, env
+    t = PEER_TILING
+    log(f"{tag}: peer, geoai-py {env['geoai_version']} predict_geotiff, tile {t['tile']} overlap {t['overlap']}")
+    out_tif = SCRATCH / f"peer-{tag}.tif"
     load = _load()
-    args = ["--input", str(raster), "--output", str(out_tif), "--model", "trivial"]
-    args += ["--tile-size", "512", "--overlap", "64", "--batch-size", "4"]
+    args = ["--input", str(raster), "--output", str(out_tif), *model_args]
+    args += ["--tile-size", str(t["tile"]), "--overlap", str(t["overlap"]), "--batch-size", str(t["batch"])]
     peer = _child("bench.child_peer", args, python=env["python"], monitor=True)
     peer.update(load_avg_before=load, load_avg_after=_load())
     out_tif.unlink(missing_ok=True)
-    return peer
+    return peer, env
+
+
+def against_peer(what: str, run: dict[str, Any], peer: dict[str, Any], speed_target: str | None) -> list[dict]:
+    """A geoseg run against geoai's: speed by the call and by whole processes, and memory."""
+    return [
+        check(
+            f"{what} / geoai speed (geoai call s / geoseg run() s)",
+            ratio(_get(peer, "call_s"), _get(run, "wall_s")),
+            "x",
+        ),
+        check(
+            f"{what} / geoai speed, whole processes, Popen to exit",
+            ratio(_get(peer, "process_wall_s"), _get(run, "process_wall_s")),
+            "x",
+            speed_target,
+        ),
+        check(
+            f"{what}: whole-job peak / geoai's peak",
+            ratio(_get(run, "whole_job_peak_mib"), _get(peer, "whole_job_peak_mib")),
+            "",
+            "<= 0.25",
+        ),
+    ]
 
 
 def bench_trivial(size: int) -> dict[str, Any]:
@@ -354,7 +382,7 @@ def bench_trivial(size: int) -> dict[str, Any]:
     core = pipeline(
         [raster], semantic_config(TRIVIAL, tile, halo, batch, blend="none"), f"trivial-{size}-core", num_cpus=2
     )
-    peer = _trivial_peer(raster)
+    peer, _ = run_peer(raster, "trivial", ["--model", "trivial"])
     checks = [
         check(
             "Mpx/s steady (core px after the first progress entry / first to last entry)",
@@ -382,24 +410,8 @@ def bench_trivial(size: int) -> dict[str, Any]:
         ),
         check("blended / core crop: run() wall", ratio(_get(run, "wall_s"), _get(core, "wall_s")), "x"),
         check("geoai-py predict_geotiff, same 1x1 convolution: the call", _get(peer, "call_s"), "s"),
-        check(
-            "geoseg blended (default tiling) / geoai speed, whole processes, Popen to exit",
-            ratio(_get(peer, "process_wall_s"), _get(run, "process_wall_s")),
-            "x",
-            ">= 1.2",
-        ),
-        check(
-            "geoseg blended / geoai speed, geoai call s / geoseg run() s",
-            ratio(_get(peer, "call_s"), _get(run, "wall_s")),
-            "x",
-        ),
         check("geoai-py peak memory (summed PSS, as for geoseg)", _get(peer, "whole_job_peak_mib"), "MiB"),
-        check(
-            "geoseg whole-job peak / geoai's peak",
-            ratio(_get(run, "whole_job_peak_mib"), _get(peer, "whole_job_peak_mib")),
-            "",
-            "<= 0.25",
-        ),
+        *against_peer("geoseg blended (default tiling)", run, peer, ">= 1.2"),
     ]
     log("trivial: I/O floor (read every block, write a deflate COG mask), one process, one core")
     floor = _child("bench.child_io_floor", ["--input", str(raster), "--out", str(SCRATCH / "io-floor.tif")])
@@ -542,39 +554,12 @@ def bench_unet(size: int, batches: int) -> dict[str, Any]:
             f"unet-{size}-blend-{w}-{o}-{precision}",
         )
     log("unet: peer environment (geoai-py)")
-    from bench.peer import ensure_peer_venv
-
-    env = ensure_peer_venv(PEER_VENV)
     peer: dict[str, Any]
-    if "error" in env:
-        peer = {"error": env["error"]}
-    elif not state.exists():
-        peer = {"error": "no saved U-Net state_dict (the model-alone run failed)"}
+    env: dict[str, Any]
+    if state.exists():
+        peer, env = run_peer(raster, f"unet-{size}", ["--state", str(state)])
     else:
-        log(f"unet: peer, geoai-py {env['geoai_version']} predict_geotiff, tile {tile} overlap {overlap}")
-        out_tif = SCRATCH / f"peer-{size}.tif"
-        load = _load()
-        peer = _child(
-            "bench.child_peer",
-            [
-                "--input",
-                str(raster),
-                "--output",
-                str(out_tif),
-                "--state",
-                str(state),
-                "--tile-size",
-                str(tile),
-                "--overlap",
-                str(overlap),
-                "--batch-size",
-                str(batch),
-            ],
-            python=env["python"],
-            monitor=True,  # its memory as geoseg's is measured: the process tree's summed PSS
-        )
-        peer.update(load_avg_before=load, load_avg_after=_load())
-        out_tif.unlink(missing_ok=True)
+        peer, env = {"error": "no saved U-Net state_dict (the model-alone run failed)"}, {}
     alone_mpx = _get(alone, "mpx_per_s")
     e2e, steady = _get(pipe, "mpx_per_s_end_to_end"), _get(pipe, "mpx_per_s_steady")
     geoai_s, geoseg_s = _get(peer, "call_s"), _get(pipe, "wall_s")
@@ -630,24 +615,8 @@ def bench_unet(size: int, batches: int) -> dict[str, Any]:
         checks += [
             check(f"blended {key} (networks on {work}x the pixels): run() wall", _get(run, "wall_s"), "s"),
             check(f"blended {key} / core crop fp32, run() wall", ratio(_get(run, "wall_s"), geoseg_s), "x"),
-            check(
-                f"geoseg blended {key} / geoai speed (geoai call s / geoseg run() s)",
-                ratio(geoai_s, _get(run, "wall_s")),
-                "x",
-            ),
-            check(
-                f"geoseg blended {key} / geoai speed, whole processes, Popen to exit",
-                ratio(_get(peer, "process_wall_s"), _get(run, "process_wall_s")),
-                "x",
-                ">= 1.5" if precision == "bf16" else None,
-            ),
             check(f"blended {key}: whole-job peak memory", _get(run, "whole_job_peak_mib"), "MiB"),
-            check(
-                f"blended {key}: whole-job peak / geoai's peak",
-                ratio(_get(run, "whole_job_peak_mib"), _get(peer, "whole_job_peak_mib")),
-                "",
-                "<= 0.25",
-            ),
+            *against_peer(f"geoseg blended {key}", run, peer, ">= 1.5" if precision == "bf16" else None),
         ]
     return {
         "title": "U-Net ResNet-18: pipeline vs the model alone vs geoai-py",
