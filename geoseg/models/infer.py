@@ -23,7 +23,7 @@ import torch
 
 from geoseg.core.config import Config
 from geoseg.core.heads import ModelConfig
-from geoseg.models.blend import WindowCache, blend_batch
+from geoseg.models.blend import WindowCache, blend_scenes
 from geoseg.models.forward import WIDEN, mask_invalid, normalize, predict_probs
 from geoseg.models.load import build_model, check_model
 from geoseg.raster.grid import Tile, pad_to_square, padded_size, read_offset
@@ -67,6 +67,16 @@ def _padded_valid(payloads: list[dict[str, Any]], halo: int, side: int, device: 
         for m, p in zip(masks, payloads)
     ]
     return torch.from_numpy(np.stack(padded)).to(device)
+
+
+def _passed_on(payload: dict[str, Any]) -> dict[str, Any]:
+    """What a tile's result carries whatever the models say: the tile, its status and validity."""
+    return {
+        "tile": payload["tile"],
+        "status": payload["status"],
+        "error": payload.get("error"),
+        "valid": _read_valid(payload),
+    }
 
 
 def _read_valid(payload: dict[str, Any]) -> np.ndarray | None:
@@ -122,24 +132,42 @@ class Predictor:
         """Run every head over the tiles that have pixels; pass errors and empty tiles through.
         With a scene's ``plan`` the heads run on its blended windows (``geoseg.models.blend``), else each
         tile runs as one window of its read window."""
-        out: list[dict[str, Any]] = [
-            {"tile": p["tile"], "status": p["status"], "error": p.get("error"), "valid": _read_valid(p)} for p in batch
+        return self.predict_scenes([(batch, plan)])[0]
+
+    def predict_scenes(self, parts: list[tuple[list[dict[str, Any]], BlendPlan | None]]) -> list[list[dict[str, Any]]]:
+        """``__call__`` for the tiles of several scenes at once (``parts``: each scene's payloads and
+        plan), their windows sharing model calls; one list of results per part, each the same as
+        that scene's tiles alone would give."""
+        outs: list[list[dict[str, Any]]] = [
+            [
+                {"tile": p["tile"], "status": p["status"], "error": p.get("error"), "valid": _read_valid(p)}
+                for p in batch
+            ]
+            for batch, _ in parts
         ]
-        if plan is not None:
-            idx = [i for i, p in enumerate(batch) if p["status"] == "ok"]
-            if idx:
-                with torch.inference_mode():
-                    for i, heads in zip(idx, blend_batch(self, [batch[i] for i in idx], plan)):
-                        out[i]["heads"] = heads
-            return out
-        groups: dict[tuple[str, int, int], list[int]] = {}
-        for i, p in enumerate(batch):
-            if p["status"] == "ok":
-                groups.setdefault((str(p["image"].dtype), p["image"].shape[0], self._side(p["tile"])), []).append(i)
-        for (_, _, side), idx in groups.items():
-            for i, heads in zip(idx, self._run([batch[i] for i in idx], side)):
-                out[i]["heads"] = heads
-        return out
+        blended = [
+            (j, [i for i, p in enumerate(batch) if p["status"] == "ok"]) for j, (batch, plan) in enumerate(parts)
+        ]
+        blended = [(j, idx) for j, idx in blended if idx and parts[j][1] is not None]
+        if blended:
+            scenes = [([parts[j][0][i] for i in idx], plan) for j, idx in blended if (plan := parts[j][1]) is not None]
+            with torch.inference_mode():
+                heads_per_scene = blend_scenes(self, scenes)
+            for (j, idx), heads_list in zip(blended, heads_per_scene):
+                for i, heads in zip(idx, heads_list):
+                    outs[j][i]["heads"] = heads
+        groups: dict[tuple[str, int, int], list[tuple[int, int]]] = {}
+        for j, (batch, plan) in enumerate(parts):
+            if plan is not None:
+                continue
+            for i, p in enumerate(batch):
+                if p["status"] == "ok":
+                    key = (str(p["image"].dtype), p["image"].shape[0], self._side(p["tile"]))
+                    groups.setdefault(key, []).append((j, i))
+        for (_, _, side), where in groups.items():
+            for (j, i), heads in zip(where, self._run([parts[j][0][i] for j, i in where], side)):
+                outs[j][i]["heads"] = heads
+        return outs
 
     def _side(self, tile: Tile) -> int:
         """The padded square a tile runs in: the full tile's, or smaller for a tile whose core is

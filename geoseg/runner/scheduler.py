@@ -23,7 +23,7 @@ from geoseg.runner.actors import task_cpus
 from geoseg.runner.failures import FailurePolicy
 from geoseg.runner.ray_errors import actor_hex, one_line_error, plain_line
 from geoseg.runner.state import Batch, Scene, Slot
-from geoseg.runner.workers import TileAck, postprocess_batch, read_batch
+from geoseg.runner.workers import TileAck, postprocess_batches, read_batches
 
 if TYPE_CHECKING:
     from geoseg.runner.run_report import RunReport
@@ -67,8 +67,8 @@ class Scheduler(FailurePolicy):
         self.writer_load = [0] * len(self.writers)  # scenes open on each writer
         self.writer_uses = [0] * len(self.writers)  # scenes given to each writer: ties go round the pool
         cpus = task_cpus()
-        self.read = ray.remote(num_cpus=cpus)(read_batch)
-        self.post = ray.remote(num_cpus=cpus)(postprocess_batch)
+        self.read = ray.remote(num_cpus=cpus)(read_batches)
+        self.post = ray.remote(num_cpus=cpus)(postprocess_batches)
         self.config_ref, self.env_ref = ray.put(config), ray.put(env)
         runtime = config.runtime
         self.per_actor = (runtime.batches_in_flight_per_actor + EXTRA_BATCHES_IN_FLIGHT) * runtime.batch_size
@@ -136,15 +136,15 @@ class Scheduler(FailurePolicy):
                 slot = self._pick(self.retry[0].solo)
                 if slot is None:
                     return  # an actor is starting, or draining for a batch that runs alone
-                self._send(self.retry.popleft(), slot)
+                self._send([self.retry.popleft()], slot)
                 continue
             slot = self._pick(False)
             if slot is None:
                 return
-            nxt = self._next_batch()
-            if nxt is None:
+            group = self._next_group()
+            if not group:
                 return
-            self._send(nxt, slot)
+            self._send(group, slot)
 
     def _pick(self, solo: bool) -> int | None:
         """The least loaded ready model actor (an idle one for a batch that runs alone)."""
@@ -155,9 +155,22 @@ class Scheduler(FailurePolicy):
     def _stale(b: Batch) -> bool:
         return b.attempt != b.scene.attempt or b.scene.error is not None or b.scene.closed
 
-    def _next_batch(self) -> Batch | None:
-        """The next new tiles to send, all of one scene; opens scenes on their writers as they start."""
-        size = 1 if self.first_batch else self.config.runtime.batch_size  # the first tile comes back soon
+    def _next_group(self) -> list[Batch]:
+        """The next new tiles to send: a batch of ``runtime.batch_size`` tiles, or, where scenes end
+        before it is full, batches of the following scenes too (many small scenes then go through
+        one task and one model call: a call each would cost more than their pixels)."""
+        room = 1 if self.first_batch else self.config.runtime.batch_size  # the first tile comes back soon
+        group: list[Batch] = []
+        while room > 0:
+            nxt = self._next_batch(room)
+            if nxt is None:
+                break
+            group.append(nxt)
+            room -= len(nxt.tiles)
+        return group
+
+    def _next_batch(self, size: int) -> Batch | None:
+        """Up to ``size`` new tiles of one scene; opens scenes on their writers as they start."""
         while True:
             scene = self.current
             if scene is None or scene.error or scene.closed:
@@ -212,18 +225,31 @@ class Scheduler(FailurePolicy):
             log.info("%s: %d of %d tiles taken from checkpoints", scene.info.path, len(done), scene.n_tiles)
         return done
 
-    def _send(self, b: Batch, i: int) -> None:
-        slot, scene = self.slots[i], b.scene
-        slot.load += 1
-        slot.solo = b.solo
-        b.slot, b.actor, b.writer = i, slot.actor, scene.writer_actor
-        reads = self.read.remote(scene.info.raster, b.tiles, self.config.bands_needed, self.env_ref)
-        preds = slot.actor.predict.remote(reads, scene.blend_ref)
-        results = self.post.remote(preds, self.config_ref, scene.pixel_areas, scene.grid_shape)
-        ack = scene.writer_actor.add.remote(scene.index, results, scene.opened)
-        self.acks[ack] = b
-        scene.in_flight += len(b.tiles)
-        self.tiles_in_flight += len(b.tiles)
+    def _send(self, group: list[Batch], i: int) -> None:
+        """Send batches (one, or one per scene of a group) to model actor ``i``: one read task, one
+        actor call and one post-processing task for the group, then each batch to its writer."""
+        slot, n = self.slots[i], len(group)
+        slot.load += n
+        slot.solo = group[0].solo  # (batches sent again, the only solo ones, go alone)
+        for b in group:
+            b.slot, b.actor, b.writer = i, slot.actor, b.scene.writer_actor
+        scenes = [b.scene for b in group]
+        reads = _refs(
+            self.read.options(num_returns=n).remote(
+                [(s.info.raster, b.tiles) for s, b in zip(scenes, group)], self.config.bands_needed, self.env_ref
+            )
+        )
+        preds = _refs(slot.actor.predict_scenes.options(num_returns=n).remote(*reads, *[s.blend_ref for s in scenes]))
+        results = _refs(
+            self.post.options(num_returns=n).remote(
+                self.config_ref, [s.grid_shape for s in scenes], *preds, *[s.pixel_areas for s in scenes]
+            )
+        )
+        for b, scene, result in zip(group, scenes, results):
+            ack = scene.writer_actor.add.remote(scene.index, result, scene.opened)
+            self.acks[ack] = b
+            scene.in_flight += len(b.tiles)
+            self.tiles_in_flight += len(b.tiles)
 
     # -- results
 
@@ -289,3 +315,8 @@ class Scheduler(FailurePolicy):
         self.report.summaries.append(summary)
         self.report.writer_nodes[scene.info.path] = ray.get(scene.opened)
         log.info("%s: done", scene.info.path)
+
+
+def _refs(returned: Any) -> list[Any]:
+    """The object refs of a call with ``num_returns``: Ray gives one ref itself, several as a list."""
+    return returned if isinstance(returned, list) else [returned]

@@ -3,7 +3,9 @@ post-process it. ``geoseg.runner.pipeline`` turns them into Ray tasks and actors
 
 Work moves in batches of tiles of one scene (one task or actor call per batch, not per tile): the
 driver's cost per pixel then shrinks with the batch, and a batch's arrays travel between workers
-through Ray's object store without passing through the driver.
+through Ray's object store without passing through the driver. Where scenes are smaller than a
+batch, the batches of several scenes go together through one task or call (``*_batches``,
+``predict_scenes``), each batch's results a return value of its own.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from geoseg.raster.grid import Tile
 if TYPE_CHECKING:
     from geoseg.core.units import PixelAreas
     from geoseg.models.postprocess import TileResult
-    from geoseg.raster.windows import BlendPlan
 
 # Heavy libraries are imported where they are used: the driver imports this module only to name
 # the functions, and the model actor (torch) never needs GDAL, scipy or scikit-image.
@@ -46,10 +47,22 @@ def warm_up_worker() -> None:
     from geoseg.raster import read  # noqa: F401
 
 
+def ray_returns(values: list[Any]) -> Any:
+    """A group's results as a Ray task with ``num_returns=len(values)`` hands them on: one value
+    each, or the value itself for a group of one."""
+    return values[0] if len(values) == 1 else values
+
+
 def read_batch(path: str, tiles: list[Tile], bands: list[int], storage_env: dict[str, str]) -> list[dict[str, Any]]:
     """Read every tile's window; a tile that cannot be read carries its error (its scene fails)."""
     apply_storage_env(storage_env)
     return [_read_one(path, tile, bands) for tile in tiles]
+
+
+def read_batches(parts: list[tuple[str, list[Tile]]], bands: list[int], storage_env: dict[str, str]) -> Any:
+    """``read_batch`` for the batches of several scenes (``parts``: raster and tiles); one list of
+    payloads per part (``ray_returns``)."""
+    return ray_returns([read_batch(path, tiles, bands, storage_env) for path, tiles in parts])
 
 
 def _read_one(path: str, tile: Tile, bands: list[int]) -> dict[str, Any]:
@@ -88,6 +101,15 @@ def postprocess_batch(
                 TileResult(tile=tile, status="error", error=f"post-processing failed on tile {tile.index}: {exc}")
             )
     return out
+
+
+def postprocess_batches(config: Config, grid_shapes: list[tuple[int, int]], *refs: Any) -> Any:
+    """``postprocess_batch`` for the batches of several scenes: ``refs`` holds each batch's model
+    output, then each scene's ``PixelAreas`` (passed as arguments so that Ray resolves them); one
+    list of results per batch (``ray_returns``)."""
+    n = len(grid_shapes)
+    preds, areas = refs[:n], refs[n:]
+    return ray_returns([postprocess_batch(p, config, a, g) for p, a, g in zip(preds, areas, grid_shapes)])
 
 
 def passive_openmp() -> None:
@@ -131,5 +153,9 @@ class PredictorWorker:
             raise self.error
         return f"{self.predictor.device} {self.predictor.precision}"
 
-    def predict(self, payloads: list[dict[str, Any]], plan: BlendPlan | None = None) -> list[dict[str, Any]]:
-        return self.predictor(payloads, plan)
+    def predict_scenes(self, *refs: Any) -> Any:
+        """The model outputs of the batches of one or more scenes: ``refs`` holds each batch's
+        payloads, then each scene's ``BlendPlan`` (or None); their windows share model calls. One
+        list of results per batch (``ray_returns``)."""
+        n = len(refs) // 2
+        return ray_returns(self.predictor.predict_scenes(list(zip(refs[:n], refs[n:]))))
