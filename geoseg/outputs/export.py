@@ -43,7 +43,20 @@ class MaskWriter:
         self.dtype = "uint8" if semantic else "uint32"
         self.nodata = SEMANTIC_NODATA if semantic else 0
         self.profile = {**profile, **_GTIFF, "count": 1, "dtype": self.dtype, "nodata": self.nodata}
-        self.ds = rasterio.open(self.raw_path, "w", **self.profile)
+        self.ds = self._create(self.raw_path)
+
+    def _create(self, path: Path) -> Any:
+        """A new GeoTIFF on the scene's grid, described as the published mask is (the COG copies
+        tags, colours and band description; set here, they cost no second opening)."""
+        ds = rasterio.open(path, "w", **self.profile)
+        ds.update_tags(geoseg_model=self.name, geoseg_task=self.spec.task, geoseg_classes=json.dumps(self.spec.classes))
+        if self.spec.task == "semantic":
+            ds.write_colormap(1, {i: (*hex_rgb(c), 255) for i, c in enumerate(class_colors(self.spec))})
+            ds.update_tags(1, **{f"class_{i}": c for i, c in enumerate(self.spec.classes)})
+        ds.set_band_description(
+            1, f"{self.name} ({'class index' if self.spec.task == 'semantic' else 'instance id, 0 = none'})"
+        )
+        return ds
 
     @property
     def raw_path(self) -> Path:
@@ -62,11 +75,10 @@ class MaskWriter:
         src = self.raw_path
         if lut is not None:
             src = self.path.with_name(self.path.stem + ".ids.tif")
-            with rasterio.open(self.raw_path) as raw, rasterio.open(src, "w", **self.profile) as dst:
+            with rasterio.open(self.raw_path) as raw, self._create(src) as dst:
                 for window in _pass_windows(raw.width, raw.height):
                     dst.write(lut[raw.read(1, window=window)], 1, window=window)
             self.raw_path.unlink()
-        self._decorate(src)
         rasterio.shutil.copy(
             src,
             self.path,
@@ -74,22 +86,10 @@ class MaskWriter:
             compress="DEFLATE",
             blocksize=512,
             overview_resampling="NEAREST",
-            num_threads="ALL_CPUS",
+            num_threads="ALL_CPUS" if self.profile["width"] * self.profile["height"] > PASS_WINDOW**2 else 1,
             BIGTIFF="IF_SAFER",
         )
         src.unlink()
-
-    def _decorate(self, path: Path) -> None:
-        with rasterio.open(path, "r+") as ds:
-            ds.update_tags(
-                geoseg_model=self.name, geoseg_task=self.spec.task, geoseg_classes=json.dumps(self.spec.classes)
-            )
-            if self.spec.task == "semantic":
-                ds.write_colormap(1, {i: (*hex_rgb(c), 255) for i, c in enumerate(class_colors(self.spec))})
-                ds.update_tags(1, **{f"class_{i}": c for i, c in enumerate(self.spec.classes)})
-            ds.set_band_description(
-                1, f"{self.name} ({'class index' if self.spec.task == 'semantic' else 'instance id, 0 = none'})"
-            )
 
     def abort(self) -> None:
         if not self.ds.closed:
@@ -109,11 +109,12 @@ class LayerWriter:
 
     FLUSH_ROWS = 5000
 
-    def __init__(self, path: Path, layer: str, crs_wkt: str, fields: dict[str, str]) -> None:
+    def __init__(self, path: Path, layer: str, crs_wkt: str, fields: dict[str, str], exists: bool = False) -> None:
+        """``exists``: the layer is in the GeoPackage already (``geoseg.outputs.gpkg_template``)."""
         self.path, self.layer, self.crs_wkt, self.fields = path, layer, crs_wkt, fields
         self.rows: dict[str, list[Any]] = {k: [] for k in fields}
         self.geoms: list[bytes] = []
-        self.created = False
+        self.created = exists
 
     def add(self, geom: shapely.Geometry, **values: Any) -> None:
         """Add one feature; ``values`` holds every field."""
@@ -247,9 +248,19 @@ class ObjectSink:
         )
 
 
-def write_counts_table(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Non-spatial ``counts`` table in the GeoPackage: one row per model x class."""
+def write_counts_table(path: Path, rows: list[dict[str, Any]], append: bool = False) -> None:
+    """Non-spatial ``counts`` table in the GeoPackage: one row per model x class (``append``: into
+    the table there already)."""
     fields = ["model", "task", "class", "count", "pixels", "area_m2"]
     types = [object, object, object, np.int64, np.int64, np.float64]
     data = [np.asarray([r[f] if r[f] is not None else -1 for r in rows], dtype=t) for f, t in zip(fields, types)]
-    ogr_write(str(path), None, field_data=data, fields=fields, layer="counts", driver="GPKG", geometry_type=None)
+    ogr_write(
+        str(path),
+        None,
+        field_data=data,
+        fields=fields,
+        layer="counts",
+        driver="GPKG",
+        geometry_type=None,
+        append=append,
+    )

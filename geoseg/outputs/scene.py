@@ -26,10 +26,11 @@ from geoseg.outputs.export import (
     ObjectSink,
     write_counts_table,
 )
+from geoseg.outputs.gpkg_template import GpkgTemplates
 from geoseg.outputs.quicklook import scene_overlays, write_quicklook
 from geoseg.outputs.stac import write_scene_item
 from geoseg.outputs.stitch import HeadStitcher
-from geoseg.outputs.styles import write_styles
+from geoseg.outputs.styles import write_mask_styles
 from geoseg.raster.grid import tile_grid_shape
 from geoseg.raster.read import SceneInfo
 
@@ -48,7 +49,9 @@ class SceneJob:
         stamp: dict[str, str] | None = None,
         scale: GroundScale | None = None,
         resume_tiles: list[int] | None = None,
+        templates: GpkgTemplates | None = None,
     ) -> None:
+        # templates: the writer's empty GeoPackages, copied as this scene's (made here when not given).
         # stamp: the config's fingerprint and the run's id, recorded in summary.json (geoseg.outputs.records)
         self.index, self.info, self.config, self.store = index, info, config, store
         self.stamp = stamp or {}
@@ -69,6 +72,7 @@ class SceneJob:
         )
         self.tmp_dir = store.staging_dir(info.folder, self.checkpoint)
         self.gpkg = self.tmp_dir / f"{info.stem}.gpkg"
+        (templates or GpkgTemplates(config)).copy_to(self.gpkg, info.crs_wkt)
         profile = {"width": info.width, "height": info.height, "crs": info.crs_wkt, "transform": info.transform}
         bounds = _bounds(info)
         self.masks: dict[str, MaskWriter] = {}
@@ -78,7 +82,7 @@ class SceneJob:
         for name, spec in config.models.items():
             self.masks[name] = MaskWriter(self.tmp_dir / f"{info.stem}_{name}.tif", profile, spec, name)
             fields = SEMANTIC_FIELDS if spec.task == "semantic" else INSTANCE_FIELDS
-            self.layers[name] = LayerWriter(self.gpkg, name, info.crs_wkt, fields)
+            self.layers[name] = LayerWriter(self.gpkg, name, info.crs_wkt, fields, exists=True)
             self.sinks[name] = ObjectSink(spec, self.layers[name], info.transform, info.crs_wkt, bounds, self.scale)
             self.stitchers[name] = HeadStitcher(self.grid_shape, spec.task == "instance", self.sinks[name])
         self.resumed = 0  # tiles replayed from an earlier run's checkpoints
@@ -146,7 +150,7 @@ class SceneJob:
                     }
                 )
             models[name] = {"task": spec.task, "classes": classes}
-        write_counts_table(self.gpkg, counts_rows)
+        write_counts_table(self.gpkg, counts_rows, append=True)
         quicklook = self._quicklook()
         summary = {
             "input": self.info.path,
@@ -169,8 +173,7 @@ class SceneJob:
             **cloud_cover(models, self.valid_pixels),
             **quicklook,
         }
-        write_styles(
-            self.gpkg,
+        write_mask_styles(
             self.config,
             {name: mask.path for name, mask in self.masks.items()},
             {name: int(sink.count.sum()) for name, sink in self.sinks.items()},

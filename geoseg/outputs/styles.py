@@ -123,10 +123,9 @@ def layer_symbols(config: Config) -> dict[str, list[Symbol]]:
     return out
 
 
-def write_styles(gpkg: Path, config: Config, masks: dict[str, Path], objects: dict[str, int]) -> None:
-    """All of a scene's styles: the GeoPackage's ``layer_styles`` and a ``.qml`` beside each mask
-    (``masks``: model -> mask path; ``objects``: model -> objects in its instance mask, ids 1..n)."""
-    write_layer_styles(gpkg, config)
+def write_mask_styles(config: Config, masks: dict[str, Path], objects: dict[str, int]) -> None:
+    """A ``.qml`` beside each mask (``masks``: model -> mask path; ``objects``: model -> objects in
+    its instance mask, ids 1..n). The GeoPackage's styles come with it (``geoseg.outputs.gpkg_template``)."""
     for name, path in masks.items():
         write_mask_style(path, name, config, objects.get(name, 0))
 

@@ -24,6 +24,7 @@ from geoseg.core.s3 import apply_storage_env
 from geoseg.core.storage import OutputStore
 from geoseg.core.units import GroundScale
 from geoseg.models.postprocess import TileResult
+from geoseg.outputs.gpkg_template import GpkgTemplates, no_sqlite_sync
 from geoseg.outputs.scene import SceneJob
 from geoseg.raster.read import SceneInfo
 from geoseg.runner.workers import TileAck
@@ -42,10 +43,12 @@ class SceneWriter:
         apply_storage_env(storage_env)
         # Before GDAL is first used in this process, so that every thread's writes share the cap.
         os.environ.setdefault("GDAL_CACHEMAX", str(WRITER_GDAL_CACHE_MB))
+        no_sqlite_sync()
         self.config, self.store, self.node = config, store, node
         self.jobs: dict[int, SceneJob] = {}
         self.locks: dict[int, threading.Lock] = {}
         self.errors: dict[int, str] = {}  # scenes that failed before their job existed
+        self.templates = GpkgTemplates(config)
 
     def _local_dir(self) -> Path:
         """Where this writer's files go on local disk: the output folder, or the temp folder that
@@ -65,7 +68,9 @@ class SceneWriter:
         tile (so the driver's loop sees it like any tile error)."""
         self.locks[index] = threading.Lock()
         try:
-            self.jobs[index] = SceneJob(index, info, self.config, self.store, stamp, scale, resume_tiles)
+            self.jobs[index] = SceneJob(
+                index, info, self.config, self.store, stamp, scale, resume_tiles, self.templates
+            )
         except Exception as exc:  # e.g. the output folder filled up or vanished
             self.errors[index] = f"{info.path}: cannot prepare outputs ({_write_error(exc, self._local_dir())})"
         return self.node

@@ -1,0 +1,58 @@
+"""A scene's GeoPackage starts as a copy of an empty one: every model's layer, the ``counts`` table
+and the layer styles, made once per CRS by each scene writer.
+
+Creating those tables (GeoPackage metadata, R-tree indexes, triggers, styles) cost 35-45 ms a
+scene here, more than anything else for a small scene; copying the empty file costs 0.2 ms, and a
+scene then only appends its features and counts. SQLite's syncs are off while writing (GDAL's
+``OGR_SQLITE_SYNCHRONOUS``): the file is in the scene's staging folder, published by a rename once
+complete, so a crash never leaves a half-written GeoPackage where users look.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+
+from geoseg.core.config import Config
+from geoseg.outputs.export import INSTANCE_FIELDS, SEMANTIC_FIELDS, LayerWriter, write_counts_table
+from geoseg.outputs.styles import write_layer_styles
+
+
+def no_sqlite_sync() -> None:
+    """GDAL writes GeoPackages without waiting for the disk (this process; see the module)."""
+    os.environ.setdefault("OGR_SQLITE_SYNCHRONOUS", "OFF")
+
+
+class GpkgTemplates:
+    """Empty GeoPackages of one config, one per CRS, in a temporary folder of their own (removed with
+    this object). Thread-safe: a writer's threads assemble several scenes at once."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._folder = tempfile.TemporaryDirectory(prefix="geoseg-gpkg-")
+        self.paths: dict[str, Path] = {}
+        self.lock = threading.Lock()
+
+    def copy_to(self, path: Path, crs_wkt: str) -> None:
+        """A new GeoPackage at ``path`` with the config's empty layers in ``crs_wkt``."""
+        with self.lock:
+            template = self.paths.get(crs_wkt)
+            if template is None:
+                name = hashlib.sha1(crs_wkt.encode()).hexdigest()[:16]
+                template = Path(self._folder.name) / f"{name}.gpkg"
+                write_empty(template, self.config, crs_wkt)
+                self.paths[crs_wkt] = template
+        shutil.copyfile(template, path)
+
+
+def write_empty(path: Path, config: Config, crs_wkt: str) -> None:
+    """Every model's layer (no feature), the ``counts`` table (no row) and the layer styles."""
+    no_sqlite_sync()
+    for name, spec in config.models.items():
+        LayerWriter(path, name, crs_wkt, SEMANTIC_FIELDS if spec.task == "semantic" else INSTANCE_FIELDS).flush()
+    write_counts_table(path, [])
+    write_layer_styles(path, config)
