@@ -282,7 +282,9 @@ def pipeline(
     summaries = sorted(out_dir.glob("*/summary.json"))
     if summaries:
         try:
-            models = json.loads(summaries[0].read_text()).get("models", {})
+            first = json.loads(summaries[0].read_text())
+            res["device"] = first.get("device")  # where the models ran and their number format: "cpu bf16"
+            models = first.get("models", {})
             res["outputs"] = {
                 m: {c: v.get("count", v.get("pixels")) for c, v in d.get("classes", {}).items()}
                 for m, d in models.items()
@@ -804,10 +806,11 @@ def bench_start() -> dict[str, Any]:
     }
 
 
-def bench_small_scenes(count: int, size: int, before_count: int) -> dict[str, Any]:
+def bench_small_scenes(count: int, size: int, before_count: int, alone_count: int) -> dict[str, Any]:
     """Fixed cost per scene: ``count`` rasters of ``size``^2 through the synthetic config, this
     version against (on the first ``before_count``) the commit before the per-scene work (a git
-    worktree of it, same machine)."""
+    worktree of it, same machine), and against itself with ``batch_size: 1`` (on the first
+    ``alone_count``: no scene shares a model call)."""
     folder = SCRATCH / f"small-{count}x{size}"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
@@ -824,12 +827,16 @@ def bench_small_scenes(count: int, size: int, before_count: int) -> dict[str, An
         capture_output=True,
         text=True,
     )
-    versions = [("after", REPO)] + ([("before", before)] if made.returncode == 0 else [])
+    # "alone": this version with batch_size 1, so each scene's tiles go through the model alone
+    # (no model call, read or post-processing task shared between scenes).
+    versions = [("after", REPO), ("alone", REPO)] + ([("before", before)] if made.returncode == 0 else [])
+    alone = {**base, "runtime": {**base.get("runtime", {}), "batch_size": 1}}
     try:
         for tag, repo in versions:
-            n = count if tag == "after" else before_count
+            n = {"after": count, "alone": alone_count, "before": before_count}[tag]
             log(f"small_scenes: {n} x {size}^2, synthetic config, {tag} ({repo})")
-            res = pipeline(rasters[:n], base, f"small-{tag}", monitor=False, timeout=3000, repo=repo)
+            config = alone if tag == "alone" else base
+            res = pipeline(rasters[:n], config, f"small-{tag}", monitor=False, timeout=3000, repo=repo)
             if "error" not in res:
                 res["scenes"] = n
                 res["seconds_per_scene"] = round(res["wall_s"] / n, 3)
@@ -855,6 +862,17 @@ def bench_small_scenes(count: int, size: int, before_count: int) -> dict[str, An
         check("seconds per scene between first and last tile, after", after.get("seconds_per_scene_steady"), "s"),
         check("seconds per scene between first and last tile, before", old.get("seconds_per_scene_steady"), "s"),
         check(
+            f"seconds per scene between first and last tile, batch_size 1 (no shared calls), {alone_count} scenes",
+            runs.get("alone", {}).get("seconds_per_scene_steady"),
+            "s",
+        ),
+        check(
+            "batch_size 1 / shared calls, seconds per scene between first and last tile",
+            ratio(runs.get("alone", {}).get("seconds_per_scene_steady"), after.get("seconds_per_scene_steady"), 2),
+            "x",
+        ),
+        check("precision (summary.json device)", after.get("device"), ""),
+        check(
             "before / after, seconds per scene",
             ratio(old.get("seconds_per_scene"), after.get("seconds_per_scene"), 2),
             "x",
@@ -869,6 +887,7 @@ def bench_small_scenes(count: int, size: int, before_count: int) -> dict[str, An
         "parameters": {
             "count": count,
             "before_count": before_count,
+            "alone_count": alone_count,
             "size": size,
             "config": "configs/synthetic.yaml",
             "before": SMALL_SCENES_BEFORE,
@@ -1166,7 +1185,7 @@ def main() -> None:
         "start": bench_start,
         "worldcover": lambda: bench_worldcover(q, results.get("trivial")),
         "instances": lambda: bench_instances([1500, 3000] if q else [6000, 12000], 512, 64),
-        "small_scenes": lambda: bench_small_scenes(20 if q else 1000, 64, 20 if q else 50),
+        "small_scenes": lambda: bench_small_scenes(20 if q else 1000, 64, 20 if q else 50, 20 if q else 200),
         "precision": bench_precision,
     }
     for section in [s for s in SECTIONS if s in only]:
