@@ -235,7 +235,9 @@ def _head_windows(
                 else:
                     todo[key] = (j, i)
     padded: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, int, int]] = {}
-    calls: dict[tuple[Any, ...], list[tuple[WindowKey, np.ndarray, np.ndarray]]] = {}
+    # Per call group, each window as (key, its tile's context, row, col): cut when its call runs,
+    # so a batch holds one call's windows at a time beside the contexts.
+    calls: dict[tuple[Any, ...], list[tuple[WindowKey, tuple[int, int], int, int]]] = {}
     call_specs: dict[tuple[Any, ...], ModelConfig] = {}
     for key, (j, i) in todo.items():
         payloads, plan = parts[j]
@@ -248,7 +250,7 @@ def _head_windows(
         # (the scale and offset to physical values are all that differs between scenes' specs)
         group = (hw, plan.scale_offsets.get(name), bool(window_valid.all()), str(image.dtype))
         call_specs[group] = specs[j]
-        calls.setdefault(group, []).append((key, image[positions, r : r + hw.side, c : c + hw.side], window_valid))
+        calls.setdefault(group, []).append((key, (j, i), r, c))
     for group, entries in calls.items():
         hw, _, all_valid, _ = group
         spec = call_specs[group]
@@ -256,15 +258,15 @@ def _head_windows(
         tta = spec.tta or predictor.config.runtime.tta
         for start in range(0, len(entries), size):
             part = entries[start : start + size]
-            images = [image for _, image, _ in part]
-            valids = [valid for _, _, valid in part]
+            images = [padded[where][0][positions, r : r + hw.side, c : c + hw.side] for _, where, r, c in part]
+            valids = [padded[where][1][r : r + hw.side, c : c + hw.side] for _, where, r, c in part]
             if predictor.device.type == "cpu" and len(part) < size:  # a call of the usual shape
                 images += [np.zeros_like(images[0])] * (size - len(part))
                 valids += [np.ones_like(valids[0])] * (size - len(part))
             x = torch.from_numpy(np.stack(images)).to(predictor.device)
             v = None if all_valid else torch.from_numpy(np.stack(valids)).to(predictor.device)
             out = _window_probs(spec, model, x, v, hw, tta, predictor.autocast(spec))
-            for (key, _, _), probs in zip(part, out):
+            for (key, *_), probs in zip(part, out):
                 found[key] = probs
                 predictor.cache.put(key, probs, hw.side)
     return found
