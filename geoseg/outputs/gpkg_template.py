@@ -10,10 +10,7 @@ complete, so a crash never leaves a half-written GeoPackage where users look.
 
 from __future__ import annotations
 
-import hashlib
 import os
-import shutil
-import tempfile
 import threading
 from pathlib import Path
 
@@ -28,25 +25,25 @@ def no_sqlite_sync() -> None:
 
 
 class GpkgTemplates:
-    """Empty GeoPackages of one config, one per CRS, in a temporary folder of their own (removed with
-    this object). Thread-safe: a writer's threads assemble several scenes at once."""
+    """Empty GeoPackages of one config, one per CRS, kept as bytes (about 100 KB each): the first
+    scene in a CRS creates its own, later ones start from a copy. Nothing is left on disk when the
+    writer is killed at the end of a run. Thread-safe: a writer's threads assemble several scenes
+    at once."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self._folder = tempfile.TemporaryDirectory(prefix="geoseg-gpkg-")
-        self.paths: dict[str, Path] = {}
+        self.empty: dict[str, bytes] = {}
         self.lock = threading.Lock()
 
     def copy_to(self, path: Path, crs_wkt: str) -> None:
         """A new GeoPackage at ``path`` with the config's empty layers in ``crs_wkt``."""
         with self.lock:
-            template = self.paths.get(crs_wkt)
-            if template is None:
-                name = hashlib.sha1(crs_wkt.encode()).hexdigest()[:16]
-                template = Path(self._folder.name) / f"{name}.gpkg"
-                write_empty(template, self.config, crs_wkt)
-                self.paths[crs_wkt] = template
-        shutil.copyfile(template, path)
+            empty = self.empty.get(crs_wkt)
+            if empty is None:
+                write_empty(path, self.config, crs_wkt)
+                self.empty[crs_wkt] = path.read_bytes()
+                return
+        path.write_bytes(empty)
 
 
 def write_empty(path: Path, config: Config, crs_wkt: str) -> None:
