@@ -138,17 +138,9 @@ class Predictor:
         """``__call__`` for the tiles of several scenes at once (``parts``: each scene's payloads and
         plan), their windows sharing model calls; one list of results per part, each the same as
         that scene's tiles alone would give."""
-        outs: list[list[dict[str, Any]]] = [
-            [
-                {"tile": p["tile"], "status": p["status"], "error": p.get("error"), "valid": _read_valid(p)}
-                for p in batch
-            ]
-            for batch, _ in parts
-        ]
-        blended = [
-            (j, [i for i, p in enumerate(batch) if p["status"] == "ok"]) for j, (batch, plan) in enumerate(parts)
-        ]
-        blended = [(j, idx) for j, idx in blended if idx and parts[j][1] is not None]
+        outs = [[_passed_on(p) for p in batch] for batch, _ in parts]
+        ok = [[i for i, p in enumerate(batch) if p["status"] == "ok"] for batch, _ in parts]
+        blended = [(j, idx) for j, idx in enumerate(ok) if idx and parts[j][1] is not None]
         if blended:
             scenes = [([parts[j][0][i] for i in idx], plan) for j, idx in blended if (plan := parts[j][1]) is not None]
             with torch.inference_mode():
@@ -156,14 +148,11 @@ class Predictor:
             for (j, idx), heads_list in zip(blended, heads_per_scene):
                 for i, heads in zip(idx, heads_list):
                     outs[j][i]["heads"] = heads
-        groups: dict[tuple[str, int, int], list[tuple[int, int]]] = {}
+        groups: dict[tuple[str, int, int], list[tuple[int, int]]] = {}  # (dtype, bands, side) -> tiles
         for j, (batch, plan) in enumerate(parts):
-            if plan is not None:
-                continue
-            for i, p in enumerate(batch):
-                if p["status"] == "ok":
-                    key = (str(p["image"].dtype), p["image"].shape[0], self._side(p["tile"]))
-                    groups.setdefault(key, []).append((j, i))
+            for i in ok[j] if plan is None else []:
+                image, tile = batch[i]["image"], batch[i]["tile"]
+                groups.setdefault((str(image.dtype), image.shape[0], self._side(tile)), []).append((j, i))
         for (_, _, side), where in groups.items():
             for (j, i), heads in zip(where, self._run([parts[j][0][i] for j, i in where], side)):
                 outs[j][i]["heads"] = heads
