@@ -273,8 +273,9 @@ def _head_windows(
 
 
 # Input pixels of one CPU model call of small windows: this many windows of one shape go through
-# the network together, 8 of 64^2 (16 windows of 64^2 ran a U-Net in 32 ms here, one at a time in
-# 55 ms). Windows of 192^2 and more run one per call, as a call's activations grow with its windows.
+# the network together, 8 of 64^2, 3 of 96^2, 2 of 128^2 (16 windows of 64^2 ran a U-Net in 32 ms
+# here, one at a time in 55 ms). Windows of 160^2 and more (model windows are multiples of 32) run
+# one per call, as a call's activations grow with its windows.
 CPU_CALL_PIXELS = 8 * 64 * 64
 
 
