@@ -143,14 +143,13 @@ def blend_scenes(
         predictor.cache.drop_above(plan.key, min(int(p["tile"].read.row_off) for p in payloads))
     for name, (spec, model, positions) in predictor.heads.items():
         needs = [[plan.windows(name, p["tile"].read) for p in payloads] for payloads, plan in parts]
-        specs = [_with_scale_offset(spec, plan.scale_offsets.get(name)) for _, plan in parts]
-        windows = _head_windows(predictor, parts, name, needs, specs, model, positions)
+        windows = _head_windows(predictor, parts, name, needs, spec, model, positions)
         for j, (payloads, plan) in enumerate(parts):
             hw = plan.heads[name]
             ramp = torch.from_numpy(hw.ramp()).to(predictor.device)
             weight = ramp[:, None] * ramp[None, :]  # one window's weights, side x side
             for k, (p, wins) in enumerate(zip(payloads, needs[j])):
-                results[j][k][name] = _blend_tile(p["tile"], wins, windows, hw, weight, specs[j], plan.key, name)
+                results[j][k][name] = _blend_tile(p["tile"], wins, windows, hw, weight, spec, plan.key, name)
     return results
 
 
@@ -214,7 +213,7 @@ def _head_windows(
     parts: list[tuple[list[dict[str, Any]], BlendPlan]],
     name: str,
     needs: list[list[list[tuple[int, int]]]],
-    specs: list[ModelConfig],
+    spec: ModelConfig,
     model: torch.nn.Module,
     positions: list[int],
 ) -> dict[WindowKey, torch.Tensor]:
@@ -238,7 +237,6 @@ def _head_windows(
     # Per call group, each window as (key, its tile's context, row, col): cut when its call runs,
     # so a batch holds one call's windows at a time beside the contexts.
     calls: dict[tuple[Any, ...], list[tuple[WindowKey, tuple[int, int], int, int]]] = {}
-    call_specs: dict[tuple[Any, ...], ModelConfig] = {}
     for key, (j, i) in todo.items():
         payloads, plan = parts[j]
         hw = plan.heads[name]
@@ -247,13 +245,11 @@ def _head_windows(
         image, valid, top, left = padded[(j, i)]
         r, c = key[2] - top, key[3] - left
         window_valid = valid[r : r + hw.side, c : c + hw.side]
-        # (the scale and offset to physical values are all that differs between scenes' specs)
+        # (a scene's own scale and offset to physical values change its normalisation)
         group = (hw, plan.scale_offsets.get(name), bool(window_valid.all()), str(image.dtype))
-        call_specs[group] = specs[j]
         calls.setdefault(group, []).append((key, (j, i), r, c))
-    for group, entries in calls.items():
-        hw, _, all_valid, _ = group
-        spec = call_specs[group]
+    for (hw, scale_offset, all_valid, _), entries in calls.items():
+        call_spec = _with_scale_offset(spec, scale_offset)
         size = _call_size(predictor, hw, len(entries))
         tta = spec.tta or predictor.config.runtime.tta
         for start in range(0, len(entries), size):
@@ -265,7 +261,7 @@ def _head_windows(
                 valids += [np.ones_like(valids[0])] * (size - len(part))
             x = torch.from_numpy(np.stack(images)).to(predictor.device)
             v = None if all_valid else torch.from_numpy(np.stack(valids)).to(predictor.device)
-            out = _window_probs(spec, model, x, v, hw, tta, predictor.autocast(spec))
+            out = _window_probs(call_spec, model, x, v, hw, tta, predictor.autocast(spec))
             for (key, *_), probs in zip(part, out):
                 found[key] = probs
                 predictor.cache.put(key, probs, hw.side)

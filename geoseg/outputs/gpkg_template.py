@@ -19,18 +19,14 @@ from geoseg.outputs.export import INSTANCE_FIELDS, SEMANTIC_FIELDS, LayerWriter,
 from geoseg.outputs.styles import write_layer_styles
 
 
-def no_sqlite_sync() -> None:
-    """GDAL writes GeoPackages without waiting for the disk (this process; see the module)."""
-    os.environ.setdefault("OGR_SQLITE_SYNCHRONOUS", "OFF")
-
-
 class GpkgTemplates:
     """Empty GeoPackages of one config, one per CRS, kept as bytes (about 100 KB each): the first
     scene in a CRS creates its own, later ones start from a copy. Nothing is left on disk when the
     writer is killed at the end of a run. Thread-safe: a writer's threads assemble several scenes
-    at once."""
+    at once. Made, it turns SQLite's syncs off for GDAL in this process (see the module)."""
 
     def __init__(self, config: Config) -> None:
+        os.environ.setdefault("OGR_SQLITE_SYNCHRONOUS", "OFF")
         self.config = config
         self.empty: dict[str, bytes] = {}
         self.lock = threading.Lock()
@@ -48,7 +44,6 @@ class GpkgTemplates:
 
 def write_empty(path: Path, config: Config, crs_wkt: str) -> None:
     """Every model's layer (no feature), the ``counts`` table (no row) and the layer styles."""
-    no_sqlite_sync()
     for name, spec in config.models.items():
         LayerWriter(path, name, crs_wkt, SEMANTIC_FIELDS if spec.task == "semantic" else INSTANCE_FIELDS).flush()
     write_counts_table(path, [])

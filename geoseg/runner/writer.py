@@ -24,7 +24,7 @@ from geoseg.core.s3 import apply_storage_env
 from geoseg.core.storage import OutputStore
 from geoseg.core.units import GroundScale
 from geoseg.models.postprocess import TileResult
-from geoseg.outputs.gpkg_template import GpkgTemplates, no_sqlite_sync
+from geoseg.outputs.gpkg_template import GpkgTemplates
 from geoseg.outputs.scene import SceneJob
 from geoseg.raster.read import SceneInfo
 from geoseg.runner.workers import TileAck
@@ -43,7 +43,6 @@ class SceneWriter:
         apply_storage_env(storage_env)
         # Before GDAL is first used in this process, so that every thread's writes share the cap.
         os.environ.setdefault("GDAL_CACHEMAX", str(WRITER_GDAL_CACHE_MB))
-        no_sqlite_sync()
         self.config, self.store, self.node = config, store, node
         self.jobs: dict[int, SceneJob] = {}
         self.locks: dict[int, threading.Lock] = {}
