@@ -165,6 +165,10 @@ def test_a_run_in_shared_calls_writes_the_same_bytes_as_one_scene_at_a_time(ray_
             with rasterio.open(a / f"{path.stem}_{head}.tif") as x, rasterio.open(b / f"{path.stem}_{head}.tif") as y:
                 assert x.profile == y.profile, (path.stem, head)
                 assert x.read().tobytes() == y.read().tobytes(), (path.stem, head)
+                # A small mask is one tile just big enough (a power of two), still a COG.
+                side = max(x.shape)
+                assert x.block_shapes[0][0] == x.block_shapes[0][1] >= side > x.block_shapes[0][0] // 2
+                assert x.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
         fa, fb = _features(a / f"{path.stem}.gpkg"), _features(b / f"{path.stem}.gpkg")
         assert fa == fb, path.stem
         objects += sum(len(v[1] or []) for k, v in fa.items() if k in ("buildings", "ships"))
