@@ -49,15 +49,35 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, num_gpus
         # "local": a new Ray of our own, even where `ray start` runs one on this machine (whose
         # address needs --address or RAY_ADDRESS): its session folder is then ours to remove.
         _token_auth_for_local_ray()
-        ray.init(
-            address="local",
-            num_cpus=num_cpus,
-            num_gpus=num_gpus,
-            include_dashboard=False,
-            log_to_driver=False,
-            logging_level=logging.WARNING,
-            object_store_memory=LOCAL_OBJECT_STORE_BYTES,
-        )
+        with _jemalloc_in_workers():
+            ray.init(
+                address="local",
+                num_cpus=num_cpus,
+                num_gpus=num_gpus,
+                include_dashboard=False,
+                log_to_driver=False,
+                logging_level=logging.WARNING,
+                object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+            )
+
+
+@contextlib.contextmanager
+def _jemalloc_in_workers() -> Iterator[None]:
+    """Let the workers of the local Ray being started use the jemalloc that Ray ships (its raylet
+    and GCS always do), unless ``RAY_LD_PRELOAD_ON_WORKERS`` says otherwise. glibc's malloc keeps
+    freed blocks of the windows' arrays in fragmented heaps: on an 8192^2 raster the whole job
+    peaked at 2,755 MiB with it and 2,488 MiB with jemalloc, no slower (the model actor keeps its
+    freed pages: ``geoseg.runner.jemalloc``). The raylet reads the switch when it starts and passes
+    it to the workers it starts; the driver's own environment is left as it was."""
+    key = "RAY_LD_PRELOAD_ON_WORKERS"
+    before = os.environ.get(key)
+    if before is None:
+        os.environ[key] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
 
 
 def _token_auth_for_local_ray() -> None:

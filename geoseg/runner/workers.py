@@ -19,6 +19,7 @@ from geoseg.core.config import Config
 from geoseg.core.errors import GeosegError, InputError
 from geoseg.core.s3 import apply_storage_env
 from geoseg.raster.grid import Tile
+from geoseg.runner.jemalloc import keep_freed_pages
 
 if TYPE_CHECKING:
     from geoseg.core.units import PixelAreas
@@ -137,6 +138,7 @@ class PredictorWorker:
 
     def __init__(self, config: Config, num_threads: int) -> None:
         passive_openmp()
+        keep_freed_pages()
         from geoseg.models.infer import Predictor  # torch lives in the actors, not in the driver
 
         self.error: GeosegError | None = None

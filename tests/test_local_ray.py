@@ -1,0 +1,57 @@
+"""The local Ray a run starts: its workers allocate with Ray's jemalloc, the model actor keeps its
+freed pages, and the driver's own environment is left as it was."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+# Run in a fresh interpreter: the test session's own Ray (conftest) is started without geoseg.
+SCRIPT = textwrap.dedent(
+    """
+    import json, os, ray
+    from geoseg.core.config import load_config
+    from geoseg.runner.actors import model_actor
+    from geoseg.runner.local_ray import ensure_ray
+
+    def allocator():
+        from geoseg.runner.jemalloc import decay_ms
+        return {"jemalloc": "libjemalloc" in open("/proc/self/maps").read(), "decay_ms": decay_ms()}
+
+    ensure_ray(num_cpus=2)
+    task = ray.get(ray.remote(allocator).remote())
+    node = ray.get_runtime_context().get_node_id()
+    actor = model_actor(load_config("configs/synthetic-oracle.yaml"), node)
+    in_actor = ray.get(actor.__ray_call__.remote(lambda self: allocator()))
+    print(json.dumps({"task": task, "actor": in_actor, "driver_env": os.environ.get("RAY_LD_PRELOAD_ON_WORKERS"),
+                      "driver_jemalloc": allocator()["jemalloc"]}))
+    """
+)
+
+
+def _run(env_extra: dict[str, str]) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_LD_PRELOAD_ON_WORKERS")}
+    env.update(RAY_AUTH_MODE="disabled", **env_extra)
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=240, cwd=os.getcwd()
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_local_ray_workers_use_jemalloc_and_the_model_actor_keeps_freed_pages():
+    seen = _run({})
+    assert seen["task"]["jemalloc"] and seen["actor"]["jemalloc"]
+    assert seen["actor"]["decay_ms"] == -1  # the model actor keeps freed pages for its next call
+    assert seen["task"]["decay_ms"] == 10_000  # other workers return them (jemalloc's default decay)
+    assert seen["driver_env"] is None and not seen["driver_jemalloc"]  # the driver is left as it was
+
+
+def test_the_user_can_keep_glibc_malloc_in_workers():
+    seen = _run({"RAY_LD_PRELOAD_ON_WORKERS": "0"})
+    assert not seen["task"]["jemalloc"] and not seen["actor"]["jemalloc"]
+    assert seen["actor"]["decay_ms"] is None
+    assert seen["driver_env"] == "0"
