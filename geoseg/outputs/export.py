@@ -42,32 +42,40 @@ def block_size(width: int, height: int) -> int:
 
 
 class MaskWriter:
-    """One mask GeoTIFF on the scene's grid, written window by window by the driver alone."""
+    """One mask GeoTIFF on the scene's grid, written window by window by the driver alone.
+
+    A mask of one tile (at most ``BLOCK``^2: 1 MB of instance ids, whatever the scene count) is
+    kept in memory and written as the COG once, from a GDAL in-memory dataset; a larger one goes
+    through a temporary GeoTIFF window by window. For a 64^2 instance mask that took 2.1 ms
+    instead of 4.5-5 (two temporary files created, written, read and removed)."""
 
     def __init__(self, path: Path, profile: dict[str, Any], spec: ModelConfig, name: str) -> None:
         self.path, self.spec, self.name = path, spec, name
         semantic = spec.task == "semantic"
         self.dtype = "uint8" if semantic else "uint32"
         self.nodata = SEMANTIC_NODATA if semantic else 0
-        self.block = block_size(int(profile["width"]), int(profile["height"]))
-        self.profile = {
-            **profile,
-            **_GTIFF,
-            "blockxsize": self.block,
-            "blockysize": self.block,
-            "count": 1,
-            "dtype": self.dtype,
-            "nodata": self.nodata,
-        }
+        width, height = int(profile["width"]), int(profile["height"])
+        self.block = block_size(width, height)
+        self.profile = {**profile, "count": 1, "dtype": self.dtype, "nodata": self.nodata}
         # GDAL's threads for the COG pay off on large masks only (a 64^2 mask's copy: 3.0 ms with
         # them, 2.4 ms without).
-        self.cog_threads = "ALL_CPUS" if int(profile["width"]) * int(profile["height"]) > PASS_WINDOW**2 else 1
-        self.ds = self._create(self.raw_path)
+        self.cog_threads = "ALL_CPUS" if width * height > PASS_WINDOW**2 else 1
+        self.array: np.ndarray | None = None
+        self.ds: Any = None
+        if width * height <= BLOCK * BLOCK:
+            self.array = np.full((height, width), self.nodata, dtype=self.dtype)
+        else:
+            self.ds = self._create(self.raw_path)
 
-    def _create(self, path: Path) -> Any:
-        """A new GeoTIFF on the scene's grid, described as the published mask is (the COG copies
-        tags, colours and band description; set here, they cost no second opening)."""
-        ds = rasterio.open(path, "w", **self.profile)
+    def _create(self, path: Path | None) -> Any:
+        """A new GeoTIFF on the scene's grid (``path`` None: a GDAL in-memory dataset), described
+        as the published mask is (the COG copies tags, colours and band description)."""
+        if path is None:
+            ds = rasterio.open("", "w", driver="MEM", **{k: v for k, v in self.profile.items() if k != "driver"})
+        else:
+            ds = rasterio.open(
+                path, "w", **{**self.profile, **_GTIFF, "blockxsize": self.block, "blockysize": self.block}
+            )
         ds.update_tags(geoseg_model=self.name, geoseg_task=self.spec.task, geoseg_classes=json.dumps(self.spec.classes))
         if self.spec.task == "semantic":
             ds.write_colormap(1, {i: (*hex_rgb(c), 255) for i, c in enumerate(class_colors(self.spec))})
@@ -82,14 +90,23 @@ class MaskWriter:
         return self.path.with_name(self.path.stem + ".raw.tif")
 
     def write(self, window: Window, array: np.ndarray) -> None:
-        self.ds.write(array.astype(self.dtype, copy=False), 1, window=window)
+        if self.array is not None:
+            r, c = int(window.row_off), int(window.col_off)
+            self.array[r : r + int(window.height), c : c + int(window.width)] = array
+        else:
+            self.ds.write(array.astype(self.dtype, copy=False), 1, window=window)
 
     def fill(self, window: Window) -> None:
         """Mark a window as having no result (all-nodata tile)."""
         self.write(window, np.full((int(window.height), int(window.width)), self.nodata, dtype=self.dtype))
 
     def finish(self, lut: np.ndarray | None = None) -> None:
-        """Close, relabel provisional instance ids through ``lut`` (windowed), write the COG."""
+        """Relabel provisional instance ids through ``lut`` (windowed), write the COG."""
+        if self.array is not None:
+            with self._create(None) as mem:
+                mem.write(self.array if lut is None else lut[self.array], 1)
+                self._cog(mem)
+            return
         self.ds.close()
         src = self.raw_path
         if lut is not None:
@@ -98,6 +115,10 @@ class MaskWriter:
                 for window in _pass_windows(raw.width, raw.height):
                     dst.write(lut[raw.read(1, window=window)], 1, window=window)
             self.raw_path.unlink()
+        self._cog(src)
+        src.unlink()
+
+    def _cog(self, src: Any) -> None:
         rasterio.shutil.copy(
             src,
             self.path,
@@ -108,10 +129,9 @@ class MaskWriter:
             num_threads=self.cog_threads,
             BIGTIFF="IF_SAFER",
         )
-        src.unlink()
 
     def abort(self) -> None:
-        if not self.ds.closed:
+        if self.ds is not None and not self.ds.closed:
             self.ds.close()
 
 
