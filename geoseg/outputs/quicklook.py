@@ -68,12 +68,12 @@ def stretch(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
     return np.clip(np.round(scaled), 0, 255).astype(np.uint8)
 
 
-def read_image(path: str, shape: tuple[int, int], bands: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """The stretched image (rows, cols, 3) uint8 and its validity (rows, cols) bool at ``shape``."""
-    with rasterio.open(gdal_path(path)) as ds:
-        indexes = image_bands(bands, ds.count)
-        data = ds.read(indexes, out_shape=(len(indexes), *shape), resampling=Resampling.average)
-        valid = ds.read_masks(indexes[0], out_shape=shape, resampling=Resampling.nearest) > 0
+def read_image(ds: Any, shape: tuple[int, int], bands: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The stretched image (rows, cols, 3) uint8 and its validity (rows, cols) bool at ``shape``,
+    from the open raster ``ds``."""
+    indexes = image_bands(bands, ds.count)
+    data = ds.read(indexes, out_shape=(len(indexes), *shape), resampling=Resampling.average)
+    valid = ds.read_masks(indexes[0], out_shape=shape, resampling=Resampling.nearest) > 0
     rgb = np.stack([stretch(band, valid) for band in data], axis=-1)
     if rgb.shape[-1] == 1:
         rgb = np.repeat(rgb, 3, axis=-1)
@@ -138,7 +138,7 @@ def render(
     """The quicklook as RGBA uint8 (rows, cols, 4): ``overlays`` in order over the image."""
     with rasterio.open(gdal_path(image)) as ds:
         shape = quicklook_shape(ds.width, ds.height, size)
-    rgb, valid = read_image(image, shape, bands)
+        rgb, valid = read_image(ds, shape, bands)
     out = rgb.astype(np.float32)
     for layer in overlays:
         if layer.task == "semantic":
