@@ -61,6 +61,7 @@ class MaskWriter:
         # them, 2.4 ms without).
         self.cog_threads = "ALL_CPUS" if width * height > PASS_WINDOW**2 else 1
         self.array: np.ndarray | None = None
+        self.values: np.ndarray | None = None  # the published values of a mask kept in memory
         self.ds: Any = None
         if width * height <= BLOCK * BLOCK:
             self.array = np.full((height, width), self.nodata, dtype=self.dtype)
@@ -103,8 +104,9 @@ class MaskWriter:
     def finish(self, lut: np.ndarray | None = None) -> None:
         """Relabel provisional instance ids through ``lut`` (windowed), write the COG."""
         if self.array is not None:
+            self.values = self.array if lut is None else lut[self.array]
             with self._create(None) as mem:
-                mem.write(self.array if lut is None else lut[self.array], 1)
+                mem.write(self.values, 1)
                 self._cog(mem)
             return
         self.ds.close()

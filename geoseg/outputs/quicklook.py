@@ -13,7 +13,7 @@ is transparent.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ import numpy as np
 import rasterio
 from rasterio.enums import Resampling
 
+from geoseg.core.config import SEMANTIC_NODATA
 from geoseg.core.s3 import gdal_path
 from geoseg.outputs.styles import hex_rgb, layer_symbols
 
@@ -40,6 +41,10 @@ class Overlay:
     path: str
     task: str
     colors: tuple[str, ...] | None = None
+    # The mask's values (full size, nodata 255 for classes, 0 for ids) where the writer still has
+    # them in memory (a mask of one tile): drawn as they are when the quicklook is the mask's size,
+    # instead of reading the file again.
+    values: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
 def quicklook_shape(width: int, height: int, size: int = QUICKLOOK_SIZE) -> tuple[int, int]:
@@ -80,8 +85,11 @@ def read_image(ds: Any, shape: tuple[int, int], bands: list[int] | None = None) 
     return rgb, valid
 
 
-def _read_mask(path: str, shape: tuple[int, int]) -> tuple[np.ndarray, Any, dict[int, tuple[int, ...]] | None]:
-    with rasterio.open(gdal_path(path)) as ds:
+def _read_mask(layer: Overlay, shape: tuple[int, int]) -> tuple[np.ndarray, Any, dict[int, tuple[int, ...]] | None]:
+    """The mask at ``shape``, its nodata and colour table (only read where ``layer.colors`` is None)."""
+    if layer.values is not None and layer.values.shape == shape and (layer.colors or layer.task == "instance"):
+        return layer.values, SEMANTIC_NODATA if layer.task == "semantic" else 0, None
+    with rasterio.open(gdal_path(layer.path)) as ds:
         values = ds.read(1, out_shape=shape, resampling=Resampling.nearest)
         try:
             colormap = ds.colormap(1)
@@ -90,9 +98,10 @@ def _read_mask(path: str, shape: tuple[int, int]) -> tuple[np.ndarray, Any, dict
         return values, ds.nodata, colormap
 
 
-def _semantic_layer(path: str, shape: tuple[int, int], colors: tuple[str, ...] | None) -> tuple[np.ndarray, np.ndarray]:
+def _semantic_layer(layer: Overlay, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """Colour (rows, cols, 3) and alpha (rows, cols) of a class mask."""
-    values, nodata, colormap = _read_mask(path, shape)
+    colors = layer.colors
+    values, nodata, colormap = _read_mask(layer, shape)
     lut = np.zeros((256, 3), dtype=np.float32)
     alpha = np.zeros(256, dtype=np.float32)
     if colors is not None:
@@ -125,8 +134,9 @@ def outlines(ids: np.ndarray) -> np.ndarray:
     return edge & (ids > 0)
 
 
-def _instance_layer(path: str, shape: tuple[int, int], color: str) -> tuple[np.ndarray, np.ndarray]:
-    ids, _, _ = _read_mask(path, shape)
+def _instance_layer(layer: Overlay, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    color = (layer.colors or (DEFAULT_INSTANCE_COLOR,))[0]
+    ids, _, _ = _read_mask(layer, shape)
     alpha = np.where(ids > 0, INSTANCE_FILL_ALPHA, 0.0).astype(np.float32)
     alpha[outlines(ids)] = 1.0
     return np.broadcast_to(np.array(hex_rgb(color), dtype=np.float32), (*shape, 3)), alpha
@@ -142,9 +152,9 @@ def render(
     out = rgb.astype(np.float32)
     for layer in overlays:
         if layer.task == "semantic":
-            color, alpha = _semantic_layer(layer.path, shape, layer.colors)
+            color, alpha = _semantic_layer(layer, shape)
         else:
-            color, alpha = _instance_layer(layer.path, shape, (layer.colors or (DEFAULT_INSTANCE_COLOR,))[0])
+            color, alpha = _instance_layer(layer, shape)
         a = alpha[..., None]
         out = out * (1.0 - a) + color * a
     rgba = np.empty((*shape, 4), dtype=np.uint8)
@@ -186,16 +196,20 @@ def legend(config: Any) -> dict[str, dict[str, str]]:
     }
 
 
-def scene_overlays(config: Any, masks: dict[str, str | os.PathLike[str]]) -> list[Overlay]:
-    """Overlays for a scene's masks (model name -> path): land use first, then objects."""
+def scene_overlays(
+    config: Any, masks: dict[str, str | os.PathLike[str]], values: dict[str, np.ndarray] | None = None
+) -> list[Overlay]:
+    """Overlays for a scene's masks (model name -> path; ``values``: those the writer has in
+    memory): land use first, then objects."""
     colors = legend(config)
+    values = values or {}
     semantic = [
-        Overlay(str(masks[name]), "semantic", tuple(colors[name][c] for c in spec.classes))
+        Overlay(str(masks[name]), "semantic", tuple(colors[name][c] for c in spec.classes), values.get(name))
         for name, spec in config.models.items()
         if spec.task == "semantic" and name in masks
     ]
     instance = [
-        Overlay(str(masks[name]), "instance", (colors[name][spec.classes[0]],))
+        Overlay(str(masks[name]), "instance", (colors[name][spec.classes[0]],), values.get(name))
         for name, spec in config.models.items()
         if spec.task == "instance" and name in masks
     ]

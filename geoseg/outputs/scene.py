@@ -202,7 +202,11 @@ class SceneJob:
         Its failure (the input gone since it was read) does not fail the scene; the summary says why."""
         name = f"{self.info.stem}_quicklook.png"
         bands = next(iter(self.config.models.values())).bands
-        overlays = scene_overlays(self.config, {model: mask.path for model, mask in self.masks.items()})
+        overlays = scene_overlays(
+            self.config,
+            {model: mask.path for model, mask in self.masks.items()},
+            {model: mask.values for model, mask in self.masks.items() if mask.values is not None},
+        )
         try:
             write_quicklook(self.tmp_dir / name, self.info.raster, overlays, bands)
         except Exception as exc:  # noqa: BLE001 (any reason: reported, never fatal)
