@@ -105,6 +105,7 @@ class MaskWriter:
         """Relabel provisional instance ids through ``lut`` (windowed), write the COG."""
         if self.array is not None:
             self.values = self.array if lut is None else lut[self.array]
+            self.array = None  # (the provisional ids are not needed once relabelled)
             with self._create(None) as mem:
                 mem.write(self.values, 1)
                 self._cog(mem)
