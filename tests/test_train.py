@@ -197,3 +197,70 @@ def test_hard_chips_are_those_the_network_gets_most_wrong(tmp_path):
         "image_valid": np.ones((4, 32, 32), bool),
     }
     assert hard_chips(cfg, spec, state, chips).tolist() == [True, True, False, False]
+
+
+def test_efficientnet_unused_blocks_dropped_with_the_same_outputs():
+    """An EfficientNet U-Net at depth 3 without the encoder blocks it never uses answers exactly as
+    the whole one, with a fraction of its parameters."""
+    import torch
+
+    from geoseg.models.load import create_smp
+
+    params = {"encoder_depth": 3, "decoder_channels": [16, 8, 8]}
+    torch.manual_seed(0)
+    whole = create_smp("t", "Unet", "efficientnet-b0", 4, 1, params).eval()
+    cut = create_smp("t", "Unet", "efficientnet-b0", 4, 1, {**params, "_drop_unused_blocks": True}).eval()
+    kept = cut.state_dict()
+    assert set(kept) < set(whole.state_dict())
+    cut.load_state_dict({k: v for k, v in whole.state_dict().items() if k in kept})
+    x = torch.randn(2, 4, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(whole(x), cut(x))
+    assert sum(p.numel() for p in cut.parameters()) < 0.1 * sum(p.numel() for p in whole.parameters())
+
+
+def test_training_starts_from_a_published_encoder_and_writes_the_cut_network(ray_session, tmp_path):
+    """``model.init`` fills the encoder from another network's weights (same names and shapes);
+    a network trained with ``_drop_unused_blocks`` is written without the unused blocks and
+    ``geoseg run``'s loader builds it the same way."""
+    import torch
+    from safetensors import safe_open
+
+    from geoseg.cli.main import cli
+    from geoseg.train.config import load_train_config
+    from geoseg.train.fit import _head_spec, initial_state
+
+    (tmp_path / "published.py").write_text(
+        "import torch, segmentation_models_pytorch as smp\n"
+        "def net():\n"
+        "    torch.manual_seed(7)\n"
+        "    return smp.Unet('efficientnet-b0', encoder_weights=None, in_channels=3, classes=2)\n"
+    )
+    model = {
+        "arch": "Unet",
+        "encoder": "efficientnet-b0",
+        "arch_params": {"encoder_depth": 3, "decoder_channels": [16, 8, 8], "_drop_unused_blocks": True},
+        "init": "published.py:net",
+    }
+    path = _write_train_config(tmp_path, model=model, train={"steps": 2, "batch_size": 2})
+    cfg = load_train_config(path)
+    start = initial_state(cfg, _head_spec(cfg, "none"))
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("published", tmp_path / "published.py")
+    assert spec and spec.loader
+    published = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(published)
+    source = published.net().state_dict()
+    encoder = [k for k in start if k.startswith("encoder.")]
+    assert encoder and all(torch.equal(start[k], source[k]) for k in encoder)
+    assert not torch.equal(start["segmentation_head.0.weight"][:1], source["segmentation_head.0.weight"][:1])
+
+    result = CliRunner().invoke(cli, ["-q", "train", str(path)])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "model"
+    assert json.loads((out / "config.json").read_text())["_drop_unused_blocks"] is True
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert set(f.keys()) == set(start)  # the cut network's tensors, no more
+    cfg_run = config_from_dict({"models": {"buildings": {"weights": str(out)}}})
+    check_models(cfg_run)

@@ -83,7 +83,10 @@ def _arch_name(name: str, arch: str) -> str:
 def create_smp(
     name: str, arch: str, encoder: str | None, in_channels: int, classes: int, params: dict[str, Any] | None = None
 ) -> torch.nn.Module:
-    """``smp.create_model`` without any download (``encoder_weights=None``)."""
+    """``smp.create_model`` without any download (``encoder_weights=None``).
+
+    ``params`` are smp's arguments; keys that start with ``_`` are geoseg's own, saved beside
+    them in ``config.json``: ``_drop_unused_blocks`` (see ``drop_unused_blocks``)."""
     import segmentation_models_pytorch as smp
 
     kwargs = {k: v for k, v in (params or {}).items() if not k.startswith("_")}
@@ -94,11 +97,38 @@ def create_smp(
         classes=classes,
     )
     try:
-        return smp.create_model(_arch_name(name, arch), **kwargs)
+        model = smp.create_model(_arch_name(name, arch), **kwargs)
     except ModelError:
         raise
     except Exception as exc:
         raise ModelError(name, f"cannot create {arch} with encoder '{kwargs['encoder_name']}': {exc}") from None
+    if (params or {}).get("_drop_unused_blocks"):
+        drop_unused_blocks(name, model)
+    return model
+
+
+def drop_unused_blocks(name: str, model: torch.nn.Module) -> None:
+    """Remove the blocks of an EfficientNet encoder that a shallow U-Net never uses.
+
+    smp's ``EfficientNetEncoder`` keeps all of its blocks whatever ``encoder_depth`` is, and at
+    depth 3 still runs one stage whose output it drops: an EfficientNet-B4 at depth 3 holds 17.7 M
+    parameters of which 0.4 M are used. Cutting the blocks after the last feature the decoder
+    takes gives the same outputs, smaller weights and less work. Drop-connect keeps each kept
+    block's rate (it grows with the block's index over the whole encoder).
+    """
+    encoder = getattr(model, "encoder", None)
+    blocks, outs, depth = (getattr(encoder, a, None) for a in ("_blocks", "_out_indexes", "_depth"))
+    if not isinstance(blocks, torch.nn.ModuleList) or outs is None or depth is None:
+        raise ModelError(name, "_drop_unused_blocks applies to smp's EfficientNet encoders (efficientnet-b0..b7)")
+    if depth >= 5:
+        return
+    keep = outs[depth - 2] + 1  # the stem gives feature 1, block outs[i] feature i + 2
+    assert encoder is not None
+    encoder._drop_connect_rate *= keep / len(blocks)
+    encoder._blocks = blocks[:keep]
+    for unused in ("_conv_head", "_bn1"):  # the classifier's head, never run by smp
+        if hasattr(encoder, unused):
+            delattr(encoder, unused)
 
 
 def _read_state_dict(name: str, path: Path) -> dict[str, torch.Tensor]:

@@ -64,6 +64,9 @@ class ArchSpec(_Strict):
     arch: str = "Unet"
     encoder: str = "tu-resnet10t"
     arch_params: dict[str, Any] = {"encoder_depth": 3, "decoder_channels": [64, 32, 16]}
+    # A network to start from ('module:callable', as a head's factory): its weights fill every layer
+    # of this one with the same name and shape (a published encoder); the rest starts at random.
+    init: str | None = None
 
 
 class AutoNormalize(_Strict):

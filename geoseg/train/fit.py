@@ -173,10 +173,11 @@ def _fit(
     storage: Path,
     hard: np.ndarray | None = None,
     init_state: dict | None = None,
+    steps: int = 0,
 ) -> tuple[dict[str, Any], dict]:
-    """One round of training on Ray Train. A hard round passes ``hard`` (the chips the previous
-    round's network got most wrong, drawn ``train.hard_weight`` times as often) and starts from the
-    previous round's weights (``init_state``) for ``train.hard_steps`` steps."""
+    """``steps`` of training on Ray Train, from ``init_state`` (else at random). A hard round passes
+    ``hard`` (the chips the previous round's network got most wrong, drawn ``train.hard_weight``
+    times as often) and starts from the previous round's weights."""
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -198,7 +199,7 @@ def _fit(
         "chips": ray.put(chips),
         "spec": spec.model_dump(),
         "arch": cfg.model.model_dump(),
-        "steps": cfg.train.steps if init_state is None else cfg.train.hard_steps,
+        "steps": steps,
         "init_state": None if init_state is None else ray.put(init_state),
         "batch_size": cfg.train.batch_size,
         "lr": cfg.train.lr,
@@ -224,6 +225,33 @@ def _fit(
     with result.checkpoint.as_directory() as d:
         state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
     return dict(result.metrics or {}), state
+
+
+def initial_state(cfg: TrainConfig, spec: ModelConfig) -> dict[str, torch.Tensor]:
+    """The network's starting weights: those of ``model.init`` wherever a layer has the same name
+    and shape, random (seeded) elsewhere. Raises when no encoder layer fits (a wrong network)."""
+    from geoseg.core.errors import ModelError
+    from geoseg.models.load import _load_callable, create_smp
+
+    assert cfg.model.init is not None
+    arch = cfg.model
+    torch.manual_seed(cfg.train.seed)
+    model = create_smp(cfg.name, arch.arch, arch.encoder, len(spec.bands), spec.out_channels, arch.arch_params)
+    state = model.state_dict()
+    source = _load_callable(cfg.name, cfg.model.init, cfg.base_dir)().state_dict()
+    fits = [k for k, v in state.items() if k in source and source[k].shape == v.shape]
+    encoder = [k for k in state if k.startswith("encoder.")]
+    if not any(k.startswith("encoder.") for k in fits):
+        raise ModelError(cfg.name, f"model.init {cfg.model.init}: no encoder layer fits this network")
+    log.info(
+        "%s: %d of %d encoder tensors and %d others from %s",
+        cfg.name,
+        sum(k.startswith("encoder.") for k in fits),
+        len(encoder),
+        sum(not k.startswith("encoder.") for k in fits),
+        cfg.model.init,
+    )
+    return {k: (source[k].clone() if k in fits else v) for k, v in state.items()}
 
 
 @torch.inference_mode()
@@ -276,12 +304,15 @@ def train(cfg: TrainConfig, evaluate_only: bool = False, address: str | None = N
         from geoseg.runner.local_ray import ensure_ray
 
         ensure_ray(address)
-        fit_metrics, state = _fit(cfg, spec, chips, work / "ray")
+        start = initial_state(cfg, spec) if cfg.model.init else None
+        fit_metrics, state = _fit(cfg, spec, chips, work / "ray", init_state=start, steps=cfg.train.steps)
         hard = None
         for round_ in range(cfg.train.hard_rounds if cfg.train.hard_steps > 0 else 0):
             hard = hard_chips(cfg, spec, state, chips)  # those the latest weights get most wrong
             log.info("%s: hard round %d on %d chip(s) of %d", cfg.name, round_ + 1, int(hard.sum()), len(hard))
-            fit_metrics, state = _fit(cfg, spec, chips, work / f"ray{round_ + 2}", hard=hard, init_state=state)
+            fit_metrics, state = _fit(
+                cfg, spec, chips, work / f"ray{round_ + 2}", hard=hard, init_state=state, steps=cfg.train.hard_steps
+            )
         contract = model_contract(cfg, spec, scenes, dtype)
         contract["training"] = {
             "config": cfg.name,

@@ -4,6 +4,7 @@ as it is, and read back for re-scoring."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -92,6 +93,10 @@ def write_model_dir(out: Path, cfg: TrainConfig, state: dict[str, torch.Tensor],
     shutil.rmtree(tmp, ignore_errors=True)
     smp_model = cast("SegmentationModel", model.half())  # create_smp makes smp models: they have save_pretrained
     smp_model.save_pretrained(str(tmp))
+    own = {k: v for k, v in cfg.model.arch_params.items() if k.startswith("_")}  # geoseg's, e.g. _drop_unused_blocks
+    if own:
+        saved = json.loads((tmp / "config.json").read_text())
+        (tmp / "config.json").write_text(json.dumps({**saved, **own}, indent=2))
     (tmp / "README.md").unlink(missing_ok=True)  # smp's card claims an MIT licence; geoseg.json is the card
     save_contract(tmp, contract)
     if out.exists():
