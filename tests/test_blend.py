@@ -376,6 +376,21 @@ def test_cloud_networks_equal_ukis_csmasks_onnx_files(variant):
     assert float(np.median(np.abs(ours - theirs))) < 0.01 * float(np.abs(theirs).max())
 
 
+def test_rgb_start_from_the_cloud_network_answers_as_it_does_without_nir():
+    """``sentinel2_l2a_rgb`` (red, green, blue) is the 4-band network with its first layer cut to
+    those bands: on the same pixels it answers as the 4-band one given blue, green, red and a NIR
+    of zero."""
+    pytest.importorskip("ukis_csmask")
+    import torch
+
+    from geoseg.models.csmask import build, sentinel2_l2a_rgb
+
+    rgb = torch.from_numpy(np.random.default_rng(2).normal(0, 1, (1, 3, 96, 96)).astype(np.float32))
+    four = torch.cat([rgb[:, [2, 1, 0]], torch.zeros_like(rgb[:, :1])], 1)  # blue, green, red, nir = 0
+    with torch.no_grad():
+        assert torch.allclose(sentinel2_l2a_rgb()(rgb), build("4b_l2a")(four), atol=1e-4)
+
+
 def test_window_cache_stays_bounded_and_forgets_rows_above():
     import torch
 

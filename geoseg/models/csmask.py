@@ -77,6 +77,19 @@ def sentinel2_l2a() -> torch.nn.Module:
     return build("4b_l2a")
 
 
+def sentinel2_l2a_rgb() -> torch.nn.Module:
+    """The Sentinel-2 Level-2A network taking red, green, blue (in that order): its first layer
+    keeps those three bands' weights. A start for training RGB models (``model.init``)."""
+    import segmentation_models_pytorch as smp
+
+    four = build("4b_l2a")
+    state = four.state_dict()
+    state["encoder._conv_stem.weight"] = state["encoder._conv_stem.weight"][:, [2, 1, 0]].clone()  # from blue, green, red, nir
+    net = smp.Unet("efficientnet-b4", encoder_weights=None, in_channels=3, classes=len(CLASSES))
+    net.load_state_dict(state, strict=False)
+    return net.eval()
+
+
 def sentinel2_l1c() -> torch.nn.Module:
     """Sentinel-2 Level-1C (top of atmosphere), 4 bands: blue, green, red, nir."""
     return build("4b_l1c")
