@@ -84,7 +84,8 @@ def sentinel2_l2a_rgb() -> torch.nn.Module:
 
     four = build("4b_l2a")
     state = four.state_dict()
-    state["encoder._conv_stem.weight"] = state["encoder._conv_stem.weight"][:, [2, 1, 0]].clone()  # from blue, green, red, nir
+    stem = "encoder._conv_stem.weight"
+    state[stem] = state[stem][:, [2, 1, 0]].clone()  # its inputs are blue, green, red, nir
     net = smp.Unet("efficientnet-b4", encoder_weights=None, in_channels=3, classes=len(CLASSES))
     net.load_state_dict(state, strict=False)
     return net.eval()
