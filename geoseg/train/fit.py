@@ -171,9 +171,10 @@ def _fit(
     spec: ModelConfig,
     chips: dict[str, np.ndarray],
     storage: Path,
+    *,
+    steps: int,
     hard: np.ndarray | None = None,
     init_state: dict | None = None,
-    steps: int = 0,
 ) -> tuple[dict[str, Any], dict]:
     """``steps`` of training on Ray Train, from ``init_state`` (else at random). A hard round passes
     ``hard`` (the chips the previous round's network got most wrong, drawn ``train.hard_weight``
