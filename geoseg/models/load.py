@@ -46,7 +46,9 @@ SMP_ARCHS = (
 DEFAULT_ENCODER = "resnet34"  # smp's own default
 
 
-def _load_callable(name: str, spec: str, base_dir: str) -> Callable[..., torch.nn.Module]:
+def load_callable(name: str, spec: str, base_dir: str) -> Callable[..., torch.nn.Module]:
+    """The callable a head's ``factory`` (or a training ``model.init``) names: ``file.py:callable``
+    (relative to ``base_dir``) or ``module:callable``; errors name the model ``name``."""
     target, sep, attr = spec.rpartition(":")
     if not sep or not target or not attr:
         raise ModelError(name, f"factory '{spec}' must be 'file.py:callable' or 'module:callable'")
@@ -243,7 +245,7 @@ def build_model(name: str, spec: ModelConfig, base_dir: str = ".") -> torch.nn.M
     if spec.torchscript is not None:
         return _torchscript_model(name, spec, base_dir).eval()
     assert spec.factory is not None
-    fn = _load_callable(name, spec.factory, base_dir)
+    fn = load_callable(name, spec.factory, base_dir)
     try:
         model = fn()
     except Exception as exc:  # a user's factory may raise anything; say whose it was

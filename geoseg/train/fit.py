@@ -232,14 +232,14 @@ def initial_state(cfg: TrainConfig, spec: ModelConfig) -> dict[str, torch.Tensor
     """The network's starting weights: those of ``model.init`` wherever a layer has the same name
     and shape, random (seeded) elsewhere. Raises when no encoder layer fits (a wrong network)."""
     from geoseg.core.errors import ModelError
-    from geoseg.models.load import _load_callable, create_smp
+    from geoseg.models.load import load_callable, create_smp
 
     assert cfg.model.init is not None
     arch = cfg.model
     torch.manual_seed(cfg.train.seed)
     model = create_smp(cfg.name, arch.arch, arch.encoder, len(spec.bands), spec.out_channels, arch.arch_params)
     state = model.state_dict()
-    source = _load_callable(cfg.name, cfg.model.init, cfg.base_dir)().state_dict()
+    source = load_callable(cfg.name, cfg.model.init, cfg.base_dir)().state_dict()
     fits = [k for k, v in state.items() if k in source and source[k].shape == v.shape]
     encoder = [k for k in state if k.startswith("encoder.")]
     if not any(k.startswith("encoder.") for k in fits):
