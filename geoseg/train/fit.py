@@ -232,7 +232,7 @@ def initial_state(cfg: TrainConfig, spec: ModelConfig) -> dict[str, torch.Tensor
     """The network's starting weights: those of ``model.init`` wherever a layer has the same name
     and shape, random (seeded) elsewhere. Raises when no encoder layer fits (a wrong network)."""
     from geoseg.core.errors import ModelError
-    from geoseg.models.load import load_callable, create_smp
+    from geoseg.models.load import create_smp, load_callable
 
     assert cfg.model.init is not None
     arch = cfg.model
