@@ -9,6 +9,8 @@ Usage::
 
     python -m bench.tune_postprocess configs/train/s2-ships-l2a.yaml --places algiers busan \\
         --threshold 0.4 0.5 0.6 0.7 --min-area-m2 0 200 400
+    python -m bench.tune_postprocess configs/train/s2-ships-l2a.yaml --places algiers busan \\
+        --tta none flip --threshold 0.5 0.6
     python -m bench.tune_postprocess configs/train/aerial-buildings.yaml --places kampala \\
         --seed-threshold 0.6 0.7 0.8 --mask-threshold 0.4 0.5 --min-area-m2 5 10 20
 """
@@ -44,6 +46,7 @@ def main() -> None:
     ap.add_argument("--seed-threshold", nargs="*", type=float, default=[])
     ap.add_argument("--mask-threshold", nargs="*", type=float, default=[])
     ap.add_argument("--min-area-m2", nargs="*", type=float, default=[])
+    ap.add_argument("--tta", nargs="*", choices=["none", "flip"], default=[], help="test-time augmentations to compare")
     ap.add_argument("--out", default="bench/tune_postprocess.json")
     args = ap.parse_args()
 
@@ -62,7 +65,10 @@ def main() -> None:
         }.items()
         if v
     }
-    settings = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+    decodings = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+    # The network runs once per scene and augmentation; each decoding then reuses its probabilities.
+    ttas = args.tta or [spec.tta or "none"]
+    settings = [{"tta": tta, **d} for tta in ttas for d in decodings]
     totals = {i: [0, 0, 0] for i in range(len(settings))}
     with tempfile.TemporaryDirectory() as tmp:
         for i, scene_spec in enumerate(cfg.scenes):
@@ -70,12 +76,15 @@ def main() -> None:
                 continue
             scene = load_scene(cfg, scene_spec, Path(tmp), i)
             hw = head_windows(cfg.eval_window, cfg.eval_overlap, 1.0, scene.image.shape[-1], scene.image.shape[-2])
-            probs = (blend_image(model, spec, scene.image, scene.valid, hw) * 255).round().astype(np.uint8)
+            probs = {
+                tta: (blend_image(model, spec, scene.image, scene.valid, hw, tta) * 255).round().astype(np.uint8)
+                for tta in ttas
+            }
             truth = np.where(scene.valid, scene.target, 0)
             pixel_m2 = _pixel_m(cfg, scene) ** 2
             for k, setting in enumerate(settings):
                 s = spec.model_copy(update=setting)
-                labels = decode_instances(probs, scene.valid, s)
+                labels = decode_instances(probs[setting["tta"]], scene.valid, s)
                 if s.min_area_m2 > 0:
                     sizes = np.bincount(labels.ravel()) * pixel_m2
                     labels = np.where(sizes[labels] >= s.min_area_m2, labels, 0)

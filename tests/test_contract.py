@@ -85,6 +85,20 @@ def test_contract_supplies_the_head_and_yaml_wins(model_dir):
     assert _cfg(model_dir, input={"gsd_tolerance": 20}).models["landuse"].input.gsd_tolerance == 20
 
 
+def test_contract_test_time_augmentation_is_the_heads_default(tmp_path, model_dir):
+    """A model scored with flips averaged (``tta: flip`` in its geoseg.json) runs with them, whatever
+    ``runtime.tta`` says; the head's own ``tta`` in the YAML wins."""
+    import json
+    import shutil
+
+    flipped = Path(shutil.copytree(model_dir, tmp_path / "flipped"))
+    contract = json.loads((flipped / "geoseg.json").read_text())
+    save_contract(flipped, {**{k: v for k, v in contract.items() if k != "geoseg_contract"}, "tta": "flip"})
+    assert _cfg(model_dir).models["landuse"].tta is None  # no contract tta: runtime.tta applies
+    assert _cfg(flipped).models["landuse"].tta == "flip"
+    assert _cfg(flipped, tta="none").models["landuse"].tta == "none"
+
+
 def test_relative_weights_resolve_against_the_yaml_folder(tmp_path, model_dir):
     import shutil
 

@@ -10,6 +10,7 @@ raster that does not fit before any pixel is read::
       "input": {"count": 3, "names": ["red", "green", "blue"], "dtype": "uint8", "gsd_m": 1.0},
       "normalize": {"mean": [...], "std": [...]},   # or {"scale": 255}, {"clip_low", "clip_high"}, {"db": true, ...}
       "trained_on": {"imagery": "real", "source": "..."},   # or "synthetic": geoseg synth scenes only
+      "threshold": 0.6, "min_area_m2": 1200, "tta": "flip",   # decoding, as its metrics were scored
       "metrics": {...}, "training": {...}, "data": "...", "licence": "..."
     }
 
@@ -46,6 +47,7 @@ CONTRACT_KEYS = (
     "mask_threshold",
     "min_area_m2",
     "simplify_m",
+    "tta",
     "trained_on",
     "precision",
 )
