@@ -55,3 +55,38 @@ def test_the_user_can_keep_glibc_malloc_in_workers():
     assert not seen["task"]["jemalloc"] and not seen["actor"]["jemalloc"]
     assert seen["actor"]["decay_ms"] is None
     assert seen["driver_env"] == "0"
+
+
+SERVICES_SCRIPT = textwrap.dedent(
+    """
+    import json, os, subprocess, ray
+    from geoseg.runner.local_ray import ray_for_run
+
+    with ray_for_run(None):
+        total = ray.get([ray.remote(lambda x: x + 1).remote(i) for i in range(4)])
+        children = subprocess.run(["ps", "-o", "args=", "--ppid", str(os.getpid())], capture_output=True, text=True)
+        print(json.dumps({"total": sum(total), "children": children.stdout.splitlines()}))
+    """
+)
+
+
+def _children(env_extra: dict[str, str]) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "GEOSEG_KEEP_RAY_SERVICES")}
+    env.update(RAY_AUTH_MODE="disabled", **env_extra)
+    proc = subprocess.run(
+        [sys.executable, "-c", SERVICES_SCRIPT], env=env, capture_output=True, text=True, timeout=240, cwd=os.getcwd()
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    seen["scripts"] = {os.path.basename(w) for a in seen["children"] for w in a.split() if w.endswith(".py")}
+    return seen
+
+
+def test_a_local_run_ends_the_ray_services_it_does_not_use():
+    seen = _children({})
+    assert seen["total"] == 10  # tasks still run
+    assert not any("monitor.py" in a or "dashboard.py" in a for a in seen["children"]), seen["children"]
+    assert any("gcs_server" in a for a in seen["children"]) and any("raylet" in a for a in seen["children"])
+    kept = _children({"GEOSEG_KEEP_RAY_SERVICES": "1"})
+    assert kept["total"] == 10
+    assert {"monitor.py", "log_monitor.py", "dashboard.py"} <= kept["scripts"], kept["children"]

@@ -10,6 +10,12 @@ clean up: two Ray agents outlive it for a while and its session folder stays, so
 first sweeps the sessions of geoseg runs whose driver is gone (their leftover processes are ended,
 their folders removed). Sessions of clusters started with ``ray start`` are never touched.
 Set ``GEOSEG_KEEP_RAY_SESSION=1`` to keep the session folder for debugging.
+
+A local Ray started for a run also ends, once up, three of its services that a batch run never
+uses: the autoscaler monitor (one node, nothing to scale), the log monitor (worker logs are not
+streamed to the driver) and the API server of the dashboard (job submission, the state API behind
+``ray list``). They are Python processes of 50-80 MiB each. ``GEOSEG_KEEP_RAY_SERVICES=1`` keeps
+them (e.g. to inspect a run with ``ray list actors``).
 """
 
 from __future__ import annotations
@@ -36,6 +42,9 @@ log = logging.getLogger("geoseg")
 LOCAL_OBJECT_STORE_BYTES = 1024**3
 MARKER = "geoseg-driver.pid"  # in a session folder: the local Ray was started by this geoseg run
 AUTH_MODE_ENV = "RAY_AUTH_MODE"  # Ray's switch for token authentication: token or disabled
+KEEP_SERVICES_ENV = "GEOSEG_KEEP_RAY_SERVICES"
+# The local Ray's services a batch run does not use (see the module): Ray's node methods that end them.
+UNUSED_SERVICES = ("kill_monitor", "kill_log_monitor", "kill_dashboard")
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None) -> None:
@@ -114,6 +123,8 @@ def ray_for_run(address: str | None) -> Iterator[None]:
     if session is not None:
         with contextlib.suppress(OSError):
             (session / MARKER).write_text(str(os.getpid()))
+        if not os.environ.get(KEEP_SERVICES_ENV):
+            stop_unused_services()
         sweep_stale_sessions(session.parent)
     # Registered after ray.init, so it runs before Ray's own exit hook (last in, first out).
     atexit.register(_shut_down, session)
@@ -127,6 +138,17 @@ def _shut_down(session: Path | None) -> None:
     ray.shutdown()
     if session is not None and not os.environ.get("GEOSEG_KEEP_RAY_SESSION"):
         remove_session(session)
+
+
+def stop_unused_services() -> None:
+    """End the services of the local Ray this process started that a batch run does not use
+    (``UNUSED_SERVICES``); Ray then no longer lists them, so its shutdown skips them."""
+    node: Any = getattr(ray._private.worker, "_global_node", None)
+    for method in UNUSED_SERVICES:
+        try:
+            getattr(node, method)(check_alive=False)
+        except Exception as exc:  # noqa: BLE001 (a Ray without them: they just stay up)
+            log.debug("could not end a Ray service (%s): %s", method, exc)
 
 
 def _stop_autoscaler_monitor() -> None:
