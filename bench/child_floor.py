@@ -52,8 +52,8 @@ def main() -> None:
     from geoseg.core.config import config_from_dict
     from geoseg.core.s3 import storage_env
     from geoseg.core.storage import OutputStore
-    from geoseg.runner.actors import start_model_actors, start_writers, task_cpus, wait_ready
     from geoseg.runner import local_ray
+    from geoseg.runner.actors import start_model_actors, start_writers, task_cpus, wait_ready
     from geoseg.runner.local_ray import ensure_ray
     from geoseg.runner.workers import warm_up_worker
 
