@@ -31,9 +31,10 @@ from geoseg.runner.workers import TileAck
 
 # A write that fails with less free space than this on the output disk is reported as disk full.
 DISK_FULL_BYTES = 16 * 1024**2
-# A writer's GDAL block cache (MB): the masks are written window by window, so a small cache keeps
-# its memory flat whatever the raster size.
-WRITER_GDAL_CACHE_MB = 64
+# A writer's GDAL block cache (MB): the masks are written window by window, whole blocks at a time,
+# so a small cache keeps its memory flat whatever the raster size. 32 MB rather than 64: the writer
+# peaked 50 MiB lower on an 8192^2 mask, in the same time (two runs each).
+WRITER_GDAL_CACHE_MB = 32
 
 
 class SceneWriter:
