@@ -32,14 +32,20 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def _run(env_extra: dict[str, str]) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_LD_PRELOAD_ON_WORKERS")}
+def _fresh(script: str, env_extra: dict[str, str], unset: tuple[str, ...]) -> dict:
+    """Run ``script`` in a fresh interpreter without the variables ``unset`` (and without
+    RAY_ADDRESS, so that it starts its own Ray); the JSON of its last output line."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", *unset)}
     env.update(RAY_AUTH_MODE="disabled", **env_extra)
     proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=240, cwd=os.getcwd()
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=240, cwd=os.getcwd()
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _run(env_extra: dict[str, str]) -> dict:
+    return _fresh(SCRIPT, env_extra, ("RAY_LD_PRELOAD_ON_WORKERS",))
 
 
 def test_local_ray_workers_use_jemalloc_and_the_model_actor_keeps_freed_pages():
@@ -71,13 +77,7 @@ SERVICES_SCRIPT = textwrap.dedent(
 
 
 def _children(env_extra: dict[str, str]) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "GEOSEG_KEEP_RAY_SERVICES")}
-    env.update(RAY_AUTH_MODE="disabled", **env_extra)
-    proc = subprocess.run(
-        [sys.executable, "-c", SERVICES_SCRIPT], env=env, capture_output=True, text=True, timeout=240, cwd=os.getcwd()
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    seen = _fresh(SERVICES_SCRIPT, env_extra, ("GEOSEG_KEEP_RAY_SERVICES",))
     seen["scripts"] = {os.path.basename(w) for a in seen["children"] for w in a.split() if w.endswith(".py")}
     return seen
 
