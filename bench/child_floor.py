@@ -52,7 +52,6 @@ def main() -> None:
     from geoseg.core.config import config_from_dict
     from geoseg.core.s3 import storage_env
     from geoseg.core.storage import OutputStore
-    from geoseg.runner import local_ray
     from geoseg.runner.actors import start_model_actors, start_writers, task_cpus, wait_ready
     from geoseg.runner.local_ray import ensure_ray
     from geoseg.runner.workers import warm_up_worker
@@ -61,9 +60,7 @@ def main() -> None:
         config = config_from_dict(json.load(fh), "<bench>", base_dir=args.base_dir)
     pid = os.getpid()
     out: dict[str, object] = {"driver": {"driver_rss_mib": round(rss_kb(pid) / 1024, 1)}}
-    ensure_ray(num_cpus=args.num_cpus)
-    # As a run does with the local Ray it starts (geoseg.runner.local_ray.ray_for_run).
-    getattr(local_ray, "stop_unused_services", lambda: None)()
+    ensure_ray(num_cpus=args.num_cpus)  # a local Ray as a run starts it, without the services it leaves out
     time.sleep(SETTLE_S)
     out["ray"] = _sample(pid)
     with tempfile.TemporaryDirectory() as tmp:

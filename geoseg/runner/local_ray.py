@@ -11,11 +11,12 @@ first sweeps the sessions of geoseg runs whose driver is gone (their leftover pr
 their folders removed). Sessions of clusters started with ``ray start`` are never touched.
 Set ``GEOSEG_KEEP_RAY_SESSION=1`` to keep the session folder for debugging.
 
-A local Ray started for a run also ends, once up, three of its services that a batch run never
-uses: the autoscaler monitor (one node, nothing to scale), the log monitor (worker logs are not
-streamed to the driver) and the API server of the dashboard (job submission, the state API behind
-``ray list``). They are Python processes of 50-80 MiB each. ``GEOSEG_KEEP_RAY_SERVICES=1`` keeps
-them (e.g. to inspect a run with ``ray list actors``).
+A local Ray started for a run leaves out three of its services that a batch run never uses: the
+autoscaler monitor (one node, nothing to scale), the log monitor (worker logs are not streamed to
+the driver) and the API server of the dashboard (job submission, the state API behind ``ray
+list``). They are Python processes of 50-80 MiB each, and ``ray.init`` waits about a second for
+the API server to come up. ``GEOSEG_KEEP_RAY_SERVICES=1`` starts them (e.g. to inspect a run with
+``ray list actors``).
 """
 
 from __future__ import annotations
@@ -42,8 +43,10 @@ LOCAL_OBJECT_STORE_BYTES = 1024**3
 MARKER = "geoseg-driver.pid"  # in a session folder: the local Ray was started by this geoseg run
 AUTH_MODE_ENV = "RAY_AUTH_MODE"  # Ray's switch for token authentication: token or disabled
 KEEP_SERVICES_ENV = "GEOSEG_KEEP_RAY_SERVICES"
-# The local Ray's services a batch run does not use (see the module): Ray's node methods that end them.
-UNUSED_SERVICES = ("kill_monitor", "kill_log_monitor", "kill_dashboard")
+# The local Ray's services a batch run does not use (see the module): the methods of Ray's Node
+# that start them. Skipped, the API server leaves the head node's dashboard URL None, as Ray's
+# Node sets it before starting anything.
+UNUSED_SERVICES = ("start_monitor", "start_log_monitor", "start_api_server")
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None) -> None:
@@ -57,7 +60,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, num_gpus
         # "local": a new Ray of our own, even where `ray start` runs one on this machine (whose
         # address needs --address or RAY_ADDRESS): its session folder is then ours to remove.
         _token_auth_for_local_ray()
-        with _jemalloc_in_workers():
+        with _jemalloc_in_workers(), _without_unused_services():
             ray.init(
                 address="local",
                 num_cpus=num_cpus,
@@ -67,6 +70,36 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, num_gpus
                 logging_level=logging.WARNING,
                 object_store_memory=LOCAL_OBJECT_STORE_BYTES,
             )
+
+
+@contextlib.contextmanager
+def _without_unused_services() -> Iterator[None]:
+    """While a local Ray starts, Ray's Node skips the services in ``UNUSED_SERVICES``.
+
+    No public option of ``ray.init`` leaves them out (``ray start`` has ``--no-monitor`` and
+    ``--include-log-monitor``, not the API server), and ending them once up, as geoseg did before,
+    still paid for their start: on 2 cores ``ray.init`` took 2.6-3.6 s with them and 1.8 s without.
+    A Ray whose Node lacks one of these methods starts it as usual.
+    """
+    node_class: Any = getattr(getattr(ray._private, "node", None), "Node", None)
+    skipped = (
+        {}
+        if os.environ.get(KEEP_SERVICES_ENV) or node_class is None
+        else {name: getattr(node_class, name) for name in UNUSED_SERVICES if hasattr(node_class, name)}
+    )
+
+    for name in skipped:
+        setattr(node_class, name, _start_nothing)
+    try:
+        yield
+    finally:
+        for name, method in skipped.items():
+            setattr(node_class, name, method)
+
+
+def _start_nothing(node: Any, *args: Any, **kwargs: Any) -> None:
+    """Stands in for a Node method in ``UNUSED_SERVICES`` while a local Ray starts."""
+    del node, args, kwargs
 
 
 @contextlib.contextmanager
@@ -122,8 +155,6 @@ def ray_for_run(address: str | None) -> Iterator[None]:
     if session is not None:
         with contextlib.suppress(OSError):
             (session / MARKER).write_text(str(os.getpid()))
-        if not os.environ.get(KEEP_SERVICES_ENV):
-            stop_unused_services()
         sweep_stale_sessions(session.parent)
     # Registered after ray.init, so it runs before Ray's own exit hook (last in, first out).
     atexit.register(_shut_down, session)
@@ -133,30 +164,22 @@ def ray_for_run(address: str | None) -> Iterator[None]:
 def _shut_down(session: Path | None) -> None:
     """At exit: stop the Ray this process started or joined, then remove a local session folder."""
     if session is not None:
-        # The autoscaler monitor first (when GEOSEG_KEEP_RAY_SERVICES kept it): ray.shutdown() stops
-        # it after the GCS, and its SIGTERM handler then tries to report its end to the GCS that is
-        # gone until Ray kills it a second later (1.0 of the 1.5 s that shutdown took here).
-        end_services(("kill_monitor",))
+        # The autoscaler monitor first (when GEOSEG_KEEP_RAY_SERVICES started it): ray.shutdown()
+        # stops it after the GCS, and its SIGTERM handler then tries to report its end to the GCS
+        # that is gone until Ray kills it a second later (1.0 of the 1.5 s that shutdown took here).
+        _end_monitor()
     ray.shutdown()
     if session is not None and not os.environ.get("GEOSEG_KEEP_RAY_SESSION"):
         remove_session(session)
 
 
-def stop_unused_services() -> None:
-    """End the services of the local Ray this process started that a batch run does not use
-    (``UNUSED_SERVICES``); Ray then no longer lists them, so its shutdown skips them."""
-    end_services(UNUSED_SERVICES)
-
-
-def end_services(methods: tuple[str, ...]) -> None:
-    """Call Ray's node methods ``methods`` (``kill_monitor``, ...) on the local Ray this process
-    started: each ends one service at once, if it is still up."""
+def _end_monitor() -> None:
+    """End the autoscaler monitor of the local Ray this process started, if it runs."""
     node: Any = getattr(ray._private.worker, "_global_node", None)
-    for method in methods:
-        try:
-            getattr(node, method)(check_alive=False)
-        except Exception as exc:  # noqa: BLE001 (a Ray without them: they just stay up)
-            log.debug("could not end a Ray service (%s): %s", method, exc)
+    try:
+        node.kill_monitor(check_alive=False)
+    except Exception as exc:  # noqa: BLE001 (a Ray without the method: shutdown ends it, later)
+        log.debug("could not end Ray's autoscaler monitor: %s", exc)
 
 
 def _session_dir() -> Path | None:
