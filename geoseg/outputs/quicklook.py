@@ -164,12 +164,16 @@ def render(
 
 
 def write_png(path: str | os.PathLike[str], rgba: np.ndarray) -> None:
-    """Write an RGBA array as PNG (under a temporary name, then renamed)."""
+    """Write an RGBA array as PNG (under a temporary name, then renamed).
+
+    zlib level 1, not Pillow's 6: a 1024 px quicklook of NAIP took 0.08 s against 0.42 s, for a
+    file 10 % larger (1.5 against 1.4 MB); the scene writer pays it for every scene.
+    """
     from PIL import Image
 
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(np.ascontiguousarray(rgba), mode="RGBA").save(tmp, format="PNG", optimize=False)
+    Image.fromarray(np.ascontiguousarray(rgba), mode="RGBA").save(tmp, format="PNG", optimize=False, compress_level=1)
     os.replace(tmp, path)
 
 
