@@ -35,6 +35,11 @@ DISK_FULL_BYTES = 16 * 1024**2
 # so a small cache keeps its memory flat whatever the raster size. 32 MB rather than 64: the writer
 # peaked 50 MiB lower on an 8192^2 mask, in the same time (two runs each).
 WRITER_GDAL_CACHE_MB = 32
+# SQLite's rollback journal of the scenes' GeoPackages kept in memory, not in a file beside each
+# (GDAL's OGR_SQLITE_JOURNAL): a GeoPackage being written lives in the scene's staging folder and
+# is rebuilt from scratch if the run dies, so a journal on disk protects nothing. Each append to a
+# layer then took 2.5 ms instead of 3.9 (a small scene makes three or four).
+WRITER_SQLITE_JOURNAL = "MEMORY"
 
 
 class SceneWriter:
@@ -44,6 +49,7 @@ class SceneWriter:
         apply_storage_env(storage_env)
         # Before GDAL is first used in this process, so that every thread's writes share the cap.
         os.environ.setdefault("GDAL_CACHEMAX", str(WRITER_GDAL_CACHE_MB))
+        os.environ.setdefault("OGR_SQLITE_JOURNAL", WRITER_SQLITE_JOURNAL)
         self.config, self.store, self.node = config, store, node
         self.jobs: dict[int, SceneJob] = {}
         self.locks: dict[int, threading.Lock] = {}
