@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,14 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 # Third-party sample files stay in ../shared/data (beside the checkout, in CI too), never copied here.
 SHARED_DATA = REPO.parent / "shared" / "data"
+# Traced copies of the networks (geoseg.models.traced) go to the session's own folder, not the
+# user's cache: set before any Ray starts, so that its workers inherit it.
+_NETWORK_CACHE = tempfile.mkdtemp(prefix="geoseg-test-cache-")
+os.environ.setdefault("GEOSEG_CACHE_DIR", _NETWORK_CACHE)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    shutil.rmtree(_NETWORK_CACHE, ignore_errors=True)
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:

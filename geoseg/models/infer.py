@@ -25,7 +25,8 @@ from geoseg.core.config import Config
 from geoseg.core.heads import ModelConfig
 from geoseg.models.blend import WindowCache, blend_scenes
 from geoseg.models.forward import WIDEN, mask_invalid, normalize, predict_probs
-from geoseg.models.load import build_model, check_model
+from geoseg.models.load import check_model
+from geoseg.models.traced import build_for_inference
 from geoseg.raster.grid import Tile, pad_to_square, padded_size, read_offset
 from geoseg.raster.windows import BlendPlan
 
@@ -105,7 +106,7 @@ class Predictor:
         self._pinned_buffers: dict[tuple[Any, ...], torch.Tensor] = {}
         self.cache = WindowCache(config.runtime.window_cache_mb * 2**20)
         for name, spec in config.models.items():
-            model = build_model(name, spec, config.base_dir)
+            model = build_for_inference(name, spec, config.base_dir, self.device)
             check_model(name, spec, model)  # fails at start-up, naming the model, before any tile is read
             # channels_last on the CPU too: oneDNN convolutions ran 1.5x faster with it here.
             model = model.to(self.device).to(memory_format=torch.channels_last)
