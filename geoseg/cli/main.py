@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import logging
+import os
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -243,5 +247,32 @@ def main() -> None:
         sys.exit(exc.exit_code)
 
 
+def command() -> None:
+    """The installed ``geoseg`` command: ``main``, then an exit without the interpreter's teardown.
+
+    Once ``main`` is done and the exit handlers have run (the local Ray stopped and its session
+    folder removed, logging flushed), the process holds nothing the OS does not release; Python's
+    own teardown of the ~1,200 modules a run imports took 0.3-0.4 s here, a twentieth of a run on a
+    small image. An exception ``main`` does not handle, or a thread still running, exits as usual.
+    """
+    code: str | int | None = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        sys.exit(code)
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):  # as the interpreter treats sys.exit("message")
+        print(code, file=sys.stderr)
+        code = 1
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a reader that went away, a closed stream
+            stream.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    main()
+    command()
