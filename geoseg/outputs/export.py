@@ -6,8 +6,10 @@ into ``out/<stem>/`` only when complete, so a failed scene leaves nothing half-w
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -290,17 +292,31 @@ class ObjectSink:
         )
 
 
+COUNTS_FIELDS = ["model", "task", "class", "count", "pixels", "area_m2"]
+_COUNTS_INSERT = "INSERT INTO counts ({}) VALUES ({})".format(
+    ", ".join(f'"{f}"' for f in COUNTS_FIELDS), ", ".join("?" * len(COUNTS_FIELDS))
+)
+
+
 def write_counts_table(path: Path, rows: list[dict[str, Any]], append: bool = False) -> None:
     """Non-spatial ``counts`` table in the GeoPackage: one row per model x class (``append``: into
-    the table there already)."""
-    fields = ["model", "task", "class", "count", "pixels", "area_m2"]
+    the table there already). A semantic class has no count: -1."""
+    values = [[r[f] if r[f] is not None else -1 for f in COUNTS_FIELDS] for r in rows]
+    if append:
+        # A GeoPackage is an SQLite file and ``counts`` a plain attributes table (no geometry, no
+        # spatial index): the rows through sqlite3 took 1.0 ms where opening the file with GDAL to
+        # append them took 3.0 ms, for every scene. GDAL's triggers keep its feature count.
+        with contextlib.closing(sqlite3.connect(path)) as db, db:
+            db.execute("PRAGMA journal_mode=MEMORY")  # a staging file, as for GDAL (geoseg.runner.writer)
+            db.executemany(_COUNTS_INSERT, values)
+        return
     types = [object, object, object, np.int64, np.int64, np.float64]
-    data = [np.asarray([r[f] if r[f] is not None else -1 for r in rows], dtype=t) for f, t in zip(fields, types)]
+    data = [np.asarray([v[i] for v in values], dtype=t) for i, t in enumerate(types)]
     ogr_write(
         str(path),
         None,
         field_data=data,
-        fields=fields,
+        fields=COUNTS_FIELDS,
         layer="counts",
         driver="GPKG",
         geometry_type=None,
