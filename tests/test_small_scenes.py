@@ -110,9 +110,10 @@ def _payloads_and_plan(path: Path, config, index: int):
     return read_batch(info.raster, tiles, config.bands_needed, {}), plan
 
 
-def test_scenes_share_model_calls_and_get_what_they_get_alone(small_scenes, tmp_path):
+def test_scenes_share_model_calls_and_get_what_they_get_alone(small_scenes, tmp_path, monkeypatch):
     config = _config(tmp_path)
     parts = [_payloads_and_plan(p, config, i) for i, p in enumerate(small_scenes)]
+    monkeypatch.setenv("GEOSEG_CACHE_DIR", "off")  # networks from smp: a traced copy takes no forward hook
     predictor = Predictor(config, num_threads=1)
     calls = {name: [] for name in predictor.heads}
     for name, (_, model, _) in predictor.heads.items():
