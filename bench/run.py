@@ -35,6 +35,7 @@ import os
 import platform
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -730,6 +731,7 @@ def bench_driver_cpu(sizes: list[int]) -> dict[str, Any]:
 # The default config's models (configs/default.yaml, the aerial heads) read 0.3 m (buildings) and
 # 2.4 m (land use): a 1024^2 image at 0.3 m is 1024^2 pixels for the buildings network, not resampled.
 START_PIXEL_M = 0.3
+START_RUNS = 5  # timed runs of the command in the start section (the median is its figure)
 
 
 def bench_start() -> dict[str, Any]:
@@ -768,7 +770,10 @@ def bench_start() -> dict[str, Any]:
     child.update(load_avg_before=load, load_avg_after=_load())
     shutil.rmtree(out_a, ignore_errors=True)
     log("start: the real command, Popen to exit")
-    cli = _start_command(geoseg_exe, img, SCRATCH / "out-start-cli", env)
+    # Five times: one start on 2 cores moves by 10-20 % from run to run; the figure is the median.
+    clis = [_start_command(geoseg_exe, img, SCRATCH / "out-start-cli", env) for _ in range(START_RUNS)]
+    cli = {**clis[0], "wall_s": _median_wall(clis), "runs_wall_s": [c["wall_s"] for c in clis]}
+    cli["exit_code"] = max(c["exit_code"] for c in clis)
     log(
         f"start: first tile {_get(child, 'first_tile_s')} s from process start; CLI {cli['wall_s']} s"
         f" (exit {cli['exit_code']}); on a new machine {cold['wall_s']} s"
@@ -780,7 +785,17 @@ def bench_start() -> dict[str, Any]:
             "s",
             "<= 10",
         ),
-        check("the real command (below), Popen to exit", cli["wall_s"] if cli["exit_code"] == 0 else None, "s", "<= 7"),
+        check(
+            f"the real command (below), Popen to exit, median of {START_RUNS}",
+            cli["wall_s"] if cli["exit_code"] == 0 else None,
+            "s",
+            "<= 7",
+        ),
+        check(
+            f"the same, fastest and slowest of {START_RUNS}",
+            f"{min(cli['runs_wall_s'])}-{max(cli['runs_wall_s'])}",
+            "s",
+        ),
         check("command timed", cli["command"], ""),
         check(
             "the same command on a new machine (traced networks written first), Popen to exit",
@@ -804,6 +819,10 @@ def bench_start() -> dict[str, Any]:
             " the other sections); the traced networks in a folder of the bench's own (GEOSEG_CACHE_DIR)",
         },
     }
+
+
+def _median_wall(runs: list[dict[str, Any]]) -> float:
+    return round(statistics.median(r["wall_s"] for r in runs), 3)
 
 
 def _start_command(geoseg_exe: Path, img: Path, out: Path, env: dict[str, str]) -> dict[str, Any]:
