@@ -123,3 +123,16 @@ def test_a_fresh_actor_process_loads_the_copies_without_smp(tmp_path):
     assert first["segmentation_models_pytorch"]
     assert second == {"segmentation_models_pytorch": False, "torch._dynamo": False}
     assert len(list((tmp_path / "cache" / "networks").glob("*.pt"))) == 2
+
+
+def test_missing_weights_still_fail_in_one_line_naming_the_model(cache, tmp_path):
+    from geoseg.core.errors import ModelError
+
+    spec = (
+        load_config(REPO / "configs/aerial.yaml")
+        .models["landuse"]
+        .model_copy(update={"weights": str(tmp_path / "gone")})
+    )
+    with pytest.raises(ModelError, match="model 'landuse'"):
+        build_for_inference("landuse", spec, str(tmp_path), CPU)
+    assert not cache.exists()

@@ -71,7 +71,6 @@ def _recipe_key(spec: ModelConfig, base_dir: str) -> str | None:
     settings and the library versions. None if a file cannot be read (smp then says why)."""
     assert spec.weights is not None
     path = resolve(spec.weights, base_dir)
-    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
     digest = hashlib.sha256()
     recipe = {
         "format": FORMAT,
@@ -84,6 +83,7 @@ def _recipe_key(spec: ModelConfig, base_dir: str) -> str | None:
     }
     digest.update(json.dumps(recipe, sort_keys=True, default=str).encode())
     try:
+        files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
         for file in files:
             if file.suffix in (".json", ".safetensors", ".bin", ".pt", ".pth"):
                 digest.update(file.name.encode())
