@@ -772,7 +772,8 @@ def bench_start() -> dict[str, Any]:
     log("start: the real command, Popen to exit")
     # Five times: one start on 2 cores moves by 10-20 % from run to run; the figure is the median.
     clis = [_start_command(geoseg_exe, img, SCRATCH / "out-start-cli", env) for _ in range(START_RUNS)]
-    cli = {**clis[0], "wall_s": _median_wall(clis), "runs_wall_s": [c["wall_s"] for c in clis]}
+    walls = [c["wall_s"] for c in clis]
+    cli = {**clis[0], "wall_s": round(statistics.median(walls), 3), "runs_wall_s": walls}
     cli["exit_code"] = max(c["exit_code"] for c in clis)
     log(
         f"start: first tile {_get(child, 'first_tile_s')} s from process start; CLI {cli['wall_s']} s"
@@ -819,10 +820,6 @@ def bench_start() -> dict[str, Any]:
             " the other sections); the traced networks in a folder of the bench's own (GEOSEG_CACHE_DIR)",
         },
     }
-
-
-def _median_wall(runs: list[dict[str, Any]]) -> float:
-    return round(statistics.median(r["wall_s"] for r in runs), 3)
 
 
 def _start_command(geoseg_exe: Path, img: Path, out: Path, env: dict[str, str]) -> dict[str, Any]:

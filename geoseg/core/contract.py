@@ -22,6 +22,7 @@ owns the mapping from pixel values to network input).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -57,6 +58,22 @@ def resolve(path: str, base_dir: str) -> Path:
     """A config path: absolute as given, else relative to the config's folder."""
     p = Path(path).expanduser()
     return p if p.is_absolute() else Path(base_dir) / p
+
+
+def model_files(path: Path) -> list[Path]:
+    """The files that define a network: every file of a model folder (sorted), or the file itself."""
+    return sorted(f for f in path.iterdir() if f.is_file()) if path.is_dir() else [path]
+
+
+def hash_files(paths: list[Path]) -> str:
+    """A short hash of the files' names and bytes (raises OSError if one cannot be read)."""
+    digest = hashlib.sha256()
+    for p in paths:
+        digest.update(p.name.encode())
+        with open(p, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
 
 
 def contract_path(weights: Path) -> Path | None:

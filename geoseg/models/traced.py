@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from geoseg.core.contract import resolve
+from geoseg.core.contract import hash_files, model_files, resolve
 from geoseg.core.heads import ModelConfig
 from geoseg.models.load import build_model
 
@@ -67,13 +67,17 @@ def build_for_inference(name: str, spec: ModelConfig, base_dir: str, device: tor
 
 
 def _recipe_key(spec: ModelConfig, base_dir: str) -> str | None:
-    """Hash of everything the network depends on: its weights and recipe files, the head's build
-    settings and the library versions. None if a file cannot be read (smp then says why)."""
+    """Hash of everything the network depends on: its weight files (hashed as the run record
+    hashes them, ``geoseg.core.contract.hash_files``), the head's build settings and the library
+    versions. None if a file cannot be read (smp then says why)."""
     assert spec.weights is not None
-    path = resolve(spec.weights, base_dir)
-    digest = hashlib.sha256()
+    try:
+        files = hash_files(model_files(resolve(spec.weights, base_dir)))
+    except OSError:
+        return None
     recipe = {
         "format": FORMAT,
+        "files": files,
         "arch": spec.arch,
         "encoder": spec.encoder,
         "arch_params": spec.arch_params,
@@ -81,16 +85,7 @@ def _recipe_key(spec: ModelConfig, base_dir: str) -> str | None:
         "out_channels": spec.out_channels,
         "versions": [_version(d) for d in _VERSIONED],
     }
-    digest.update(json.dumps(recipe, sort_keys=True, default=str).encode())
-    try:
-        files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
-        for file in files:
-            if file.suffix in (".json", ".safetensors", ".bin", ".pt", ".pth"):
-                digest.update(file.name.encode())
-                digest.update(file.read_bytes())
-    except OSError:
-        return None
-    return digest.hexdigest()[:24]
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
 def _version(distribution: str) -> str:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from geoseg.core.config import Config
-from geoseg.core.contract import resolve
+from geoseg.core.contract import hash_files, model_files, resolve
 from geoseg.core.storage import OutputStore
 
 RUN_MANIFEST = "run-manifest.json"
@@ -58,16 +58,6 @@ def is_current(summary: dict[str, Any] | None, path: str, fingerprint: dict[str,
     )
 
 
-def _hash_files(paths: list[Path]) -> str:
-    digest = hashlib.sha256()
-    for p in paths:
-        digest.update(p.name.encode())
-        with open(p, "rb") as fh:
-            while chunk := fh.read(1 << 20):
-                digest.update(chunk)
-    return digest.hexdigest()[:16]
-
-
 def model_versions(config: Config) -> dict[str, str]:
     """Per head, a hash of what defines its network: the weights (every file of a model folder),
     the TorchScript file, or the factory's source file. Missing files hash as ``missing`` (the
@@ -77,7 +67,7 @@ def model_versions(config: Config) -> dict[str, str]:
         files: list[Path] = []
         if spec.weights or spec.torchscript:
             p = resolve(str(spec.weights or spec.torchscript), config.base_dir)
-            files = sorted(f for f in p.iterdir() if f.is_file()) if p.is_dir() else [p]
+            files = model_files(p)
         elif spec.factory:
             target = spec.factory.rsplit(":", 1)[0]
             if target.endswith(".py"):
@@ -86,7 +76,7 @@ def model_versions(config: Config) -> dict[str, str]:
                 found = importlib.util.find_spec(target)
                 files = [Path(found.origin)] if found and found.origin else []
         try:
-            versions[name] = _hash_files(files) if files else "unknown"
+            versions[name] = hash_files(files) if files else "unknown"
         except OSError:
             versions[name] = "missing"
     return versions
