@@ -126,7 +126,7 @@ def _window_probs(
     x = mask_invalid(normalize(x, spec), valid).contiguous(memory_format=torch.channels_last)
     with autocast:
         probs = predict_probs(model, x, spec, tta)
-    return (probs * 255).round().to(torch.uint8)
+    return probs.mul_(255).round_().to(torch.uint8)  # (in place: probs is this call's own buffer)
 
 
 def blend_scenes(
@@ -316,22 +316,23 @@ def _blend_tile(
     r0, c0, h, w = int(read.row_off), int(read.col_off), int(read.height), int(read.width)
     total: torch.Tensor | None = None
     weight_sum = torch.zeros((h, w), dtype=torch.float32, device=window_weight.device)
+    # Arithmetic in place where a buffer is this function's own: the model actor's memory peaks here.
     for r, c in wins:
-        probs = windows[(scene_key, name, r, c)].float() / 255.0
+        probs = windows[(scene_key, name, r, c)].to(torch.float32).div_(255.0)  # (uint8: a new tensor)
         if hw.resampled:
             probs = F.interpolate(probs[None], size=(hw.side, hw.side), mode="bilinear", align_corners=False)[0]
         # The part of the window inside the read window, in both frames.
         y0, y1 = max(r, r0), min(r + hw.side, r0 + h)
         x0, x1 = max(c, c0), min(c + hw.side, c0 + w)
         weight = window_weight[y0 - r : y1 - r, x0 - c : x1 - c]
-        part = probs[:, y0 - r : y1 - r, x0 - c : x1 - c] * weight
+        part = probs[:, y0 - r : y1 - r, x0 - c : x1 - c].mul_(weight)
         if total is None:
             total = torch.zeros((probs.shape[0], h, w), dtype=torch.float32, device=weight.device)
         total[:, y0 - r0 : y1 - r0, x0 - c0 : x1 - c0] += part
         weight_sum[y0 - r0 : y1 - r0, x0 - c0 : x1 - c0] += weight
+        del probs, part
     assert total is not None
-    blended = total / weight_sum
     if spec.task == "semantic":
         rs, cs = tile.core_in_read
-        return blended[:, rs, cs].argmax(dim=0).to(torch.uint8).cpu().numpy()
-    return (blended * 255).round().to(torch.uint8).cpu().numpy()
+        return total[:, rs, cs].div_(weight_sum[rs, cs]).argmax(dim=0).to(torch.uint8).cpu().numpy()
+    return total.div_(weight_sum).mul_(255).round_().to(torch.uint8).cpu().numpy()

@@ -60,4 +60,5 @@ def predict_probs(model: torch.nn.Module, x: torch.Tensor, spec: ModelConfig, tt
         probs = torch.flip(probs, dims) if dims else probs
         total = probs if total is None else total + probs
     assert total is not None
-    return total / len(flips)
+    # (in place, and not at all for one pass: a batch's probabilities are the actor's largest buffers)
+    return total if len(flips) == 1 else total.div_(len(flips))
