@@ -19,7 +19,7 @@ from geoseg.core.config import Config
 from geoseg.core.errors import GeosegError, InputError
 from geoseg.core.s3 import apply_storage_env
 from geoseg.raster.grid import Tile
-from geoseg.runner.jemalloc import keep_freed_pages
+from geoseg.runner.jemalloc import keep_freed_pages, release_freed_pages
 
 if TYPE_CHECKING:
     from geoseg.core.units import PixelAreas
@@ -160,4 +160,6 @@ class PredictorWorker:
         payloads, then each scene's ``BlendPlan`` (or None); their windows share model calls. One
         list of results per batch (``ray_returns``)."""
         n = len(refs) // 2
-        return ray_returns(self.predictor.predict_scenes(list(zip(refs[:n], refs[n:]))))
+        results = self.predictor.predict_scenes(list(zip(refs[:n], refs[n:])))
+        release_freed_pages()
+        return ray_returns(results)
