@@ -240,3 +240,51 @@ def test_bad_vectors_value_is_one_line(tmp_path, oracle_config_path, monkeypatch
     assert exc.value.code == 2
     assert err.strip().splitlines() == ["error: --vectors: unknown vector format 'shp' (choose from gpkg, parquet)"]
     assert not (tmp_path / "out").exists()
+
+
+def test_features_appended_through_sqlite_read_back_as_gdal_writes_them(tmp_path):
+    """``LayerWriter`` creates a layer through GDAL and appends through sqlite3
+    (``geoseg.outputs.export.append_features``): GDAL reads the same features, attributes, count
+    and extent as from a layer it wrote itself, and its R-tree answers a bounding-box query."""
+    from rasterio.crs import CRS
+
+    from geoseg.outputs.export import INSTANCE_FIELDS, LayerWriter
+
+    rng = np.random.default_rng(3)
+    corners = rng.uniform(0, 1000, size=(40, 2)) + [500_000, 4_000_000]
+    geoms = [shapely.box(x, y, x + w, y + h) for (x, y), (w, h) in zip(corners, rng.uniform(5, 60, size=(40, 2)))]
+    geoms[7] = shapely.Polygon(geoms[7].exterior, [shapely.box(*geoms[7].centroid.buffer(1).bounds).exterior])
+    geoms[9] = shapely.MultiPolygon([geoms[9], shapely.box(400_000, 3_999_000, 400_010, 3_999_010)])
+    columns = {
+        "instance_id": np.arange(1, 41),
+        "class": ["building"] * 20 + ["ship"] * 20,
+        "score": rng.uniform(0, 1, 40),
+        "area_m2": np.array([g.area for g in geoms]),
+        "length_m": rng.uniform(1, 9, 40),
+        "width_m": rng.uniform(1, 9, 40),
+        "orientation_deg": rng.uniform(0, 180, 40),
+    }
+    crs = CRS.from_epsg(32633).to_wkt()
+    ours, gdal = tmp_path / "ours.gpkg", tmp_path / "gdal.gpkg"
+    layer = LayerWriter(ours, "objects", crs, INSTANCE_FIELDS)
+    for part in (slice(0, 10), slice(10, 25), slice(25, 40)):  # created by GDAL, then two appends
+        layer.add_many(np.array(geoms[part], dtype=object), **{k: v[part] for k, v in columns.items()})
+        layer.flush()
+    reference = LayerWriter(gdal, "objects", crs, INSTANCE_FIELDS)
+    reference.add_many(np.array(geoms, dtype=object), **columns)
+    reference.flush()
+
+    a, b = pyogrio.read_dataframe(ours), pyogrio.read_dataframe(gdal)
+    assert len(a) == 40 and a.crs == b.crs
+    assert all(shapely.equals_exact(a.geometry.values, b.geometry.values, tolerance=0))
+    pd.testing.assert_frame_equal(a.drop(columns="geometry"), b.drop(columns="geometry"))
+    assert pyogrio.read_info(ours)["features"] == 40
+    box = (500_200, 4_000_200, 500_600, 4_000_700)
+    hits = pyogrio.read_dataframe(ours, bbox=box)
+    expected = [i + 1 for i, g in enumerate(geoms) if g.intersects(shapely.box(*box))]
+    assert 0 < len(expected) < 40 and sorted(hits["instance_id"]) == expected
+    with sqlite3.connect(ours) as db:
+        extent = db.execute("SELECT min_x, min_y, max_x, max_y FROM gpkg_contents WHERE table_name = 'objects'")
+        assert extent.fetchone() == pytest.approx(shapely.total_bounds(geoms))
+        rtree = db.execute("SELECT count(*) FROM rtree_objects_geom").fetchone()[0]
+    assert rtree == 40

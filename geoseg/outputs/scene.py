@@ -24,6 +24,7 @@ from geoseg.outputs.export import (
     LayerWriter,
     MaskWriter,
     ObjectSink,
+    open_gpkg,
     write_counts_table,
 )
 from geoseg.outputs.gpkg_template import GpkgTemplates
@@ -128,29 +129,35 @@ class SceneJob:
         """Merge seam objects, finish the files, publish the folder; returns the summary."""
         models: dict[str, Any] = {}
         counts_rows = []
+        # (before the GeoPackage is opened below: a stitcher's last objects may flush a full batch of
+        # rows through a connection of their own)
+        luts = {name: self.stitchers[name].finish() for name in self.config.models}
+        with open_gpkg(self.gpkg) as db:  # every layer's last rows, then the counts: one transaction
+            for name in self.config.models:
+                self.layers[name].flush(db)
+            for name, spec in self.config.models.items():
+                sink = self.sinks[name]
+                for k, cls in enumerate(spec.classes):
+                    counts_rows.append(
+                        {
+                            "model": name,
+                            "task": spec.task,
+                            "class": cls,
+                            "count": int(sink.count[k]) if spec.task == "instance" else None,
+                            "pixels": int(sink.pixels[k]),
+                            "area_m2": round(float(sink.area[k]), 3),
+                        }
+                    )
+            write_counts_table(self.gpkg, counts_rows, append=True, db=db)
         for name, spec in self.config.models.items():
-            lut = self.stitchers[name].finish()
-            self.layers[name].flush()
-            self.masks[name].finish(lut if spec.task == "instance" else None)
-            sink = self.sinks[name]
+            self.masks[name].finish(luts[name] if spec.task == "instance" else None)
             classes = {}
-            for k, cls in enumerate(spec.classes):
-                entry: dict[str, Any] = {"pixels": int(sink.pixels[k]), "area_m2": round(float(sink.area[k]), 3)}
+            for row in (r for r in counts_rows if r["model"] == name):
+                entry: dict[str, Any] = {"pixels": row["pixels"], "area_m2": row["area_m2"]}
                 if spec.task == "instance":
-                    entry["count"] = int(sink.count[k])
-                classes[cls] = entry
-                counts_rows.append(
-                    {
-                        "model": name,
-                        "task": spec.task,
-                        "class": cls,
-                        "count": entry.get("count"),
-                        "pixels": entry["pixels"],
-                        "area_m2": entry["area_m2"],
-                    }
-                )
+                    entry["count"] = row["count"]
+                classes[row["class"]] = entry
             models[name] = {"task": spec.task, "classes": classes}
-        write_counts_table(self.gpkg, counts_rows, append=True)
         quicklook = self._quicklook()
         summary = {
             "input": self.info.path,
