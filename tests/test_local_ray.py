@@ -1,5 +1,6 @@
 """The local Ray a run starts: its workers allocate with Ray's jemalloc, the model actor keeps its
-freed pages, and the driver's own environment is left as it was."""
+freed pages within a call and returns them between calls, and the driver's own environment is
+left as it was."""
 
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ def _run(env_extra: dict[str, str]) -> dict:
 def test_local_ray_workers_use_jemalloc_and_the_model_actor_keeps_freed_pages_within_a_call():
     seen = _run({})
     assert seen["task"]["jemalloc"] and seen["actor"]["jemalloc"]
-    assert seen["actor"]["decay_ms"] == -1  # the model actor keeps freed pages for its next call
+    assert seen["actor"]["decay_ms"] == -1  # the model actor keeps freed pages for reuse ...
     assert seen["task"]["decay_ms"] == 10_000  # other workers return them (jemalloc's default decay)
     # ... within a call; between calls it returns them (64 MiB freed in the probe)
     assert seen["actor"]["held"] >= 32 * 2**20 and seen["actor"]["after_release"] < 4 * 2**20
