@@ -25,13 +25,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import threading
 from pathlib import Path
 from typing import Any
 
-from pyproj import CRS, Geod, Transformer
+from pyproj import CRS, Transformer
 
 from geoseg.core.errors import InputError
+from geoseg.core.units import lonlat_tools
 
 CONTRACT_FILE = "geoseg.json"
 CONTRACT_VERSION = 1
@@ -134,26 +134,11 @@ def merge_contract(name: str, head: dict[str, Any], base_dir: str) -> dict[str, 
     return merged
 
 
-_local = threading.local()  # pyproj's transformers are not to be shared between threads
-
-
-def _to_lonlat(crs_wkt: str) -> tuple[Geod, Transformer]:
-    """The CRS's ellipsoid and its transformer to longitude and latitude, made once per thread and
-    CRS: making them took most of the driver's own time per scene when scenes are small."""
-    cache = _local.__dict__.setdefault("lonlat", {})
-    tools = cache.get(crs_wkt)
-    if tools is None:
-        if len(cache) > 16:
-            cache.clear()
-        crs = CRS.from_user_input(crs_wkt)
-        geod = crs.get_geod() or Geod(ellps="WGS84")
-        tools = cache[crs_wkt] = (geod, Transformer.from_crs(crs, crs.geodetic_crs or "EPSG:4326", always_xy=True))
-    return tools
-
-
 def scene_gsd_m(crs_wkt: str, transform: Any, width: int, height: int) -> float:
     """Ground distance of one pixel step (metres, mean of x and y) at the raster's centre."""
-    geod, to_lonlat = _to_lonlat(crs_wkt)
+    geod, to_lonlat = lonlat_tools(crs_wkt)  # (made once per CRS: per scene, they were most of the driver's time)
+    if to_lonlat is None:  # a local CRS: pyproj says it cannot be placed on the earth
+        to_lonlat = Transformer.from_crs(CRS.from_user_input(crs_wkt), "EPSG:4326", always_xy=True)
     c, r = width / 2.0, height / 2.0
     t = transform
     cols, rows = [c, c + 1, c], [r, r, r + 1]

@@ -40,7 +40,7 @@ class _Metric:
 
     def __init__(self, crs: CRS | str) -> None:
         crs = CRS.from_user_input(crs)
-        geod = crs.get_geod() or Geod(ellps="WGS84")
+        self.geod = geod = crs.get_geod() or Geod(ellps="WGS84")
         self.a, self.es = float(geod.a), float(geod.es)
         self.b = float(geod.b)
         self.geographic = bool(crs.is_geographic)
@@ -119,6 +119,13 @@ def _metric(crs: CRS | str) -> _Metric:
             cache.clear()
         m = cache[key] = _Metric(key)
     return m
+
+
+def lonlat_tools(crs: CRS | str) -> tuple[Geod, Transformer | None]:
+    """The CRS's ellipsoid (WGS84 where it has none) and its transformer to longitude and latitude
+    (None for a local CRS), made once per thread and CRS."""
+    m = _metric(crs)
+    return m.geod, m.to_lonlat
 
 
 def ground_frames(crs: CRS | str, x: np.ndarray, y: np.ndarray) -> np.ndarray:
