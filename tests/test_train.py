@@ -206,17 +206,19 @@ def test_efficientnet_unused_blocks_dropped_with_the_same_outputs():
 
     from geoseg.models.load import create_smp
 
-    params = {"encoder_depth": 3, "decoder_channels": [16, 8, 8]}
-    torch.manual_seed(0)
-    whole = create_smp("t", "Unet", "efficientnet-b0", 4, 1, params).eval()
-    cut = create_smp("t", "Unet", "efficientnet-b0", 4, 1, {**params, "_drop_unused_blocks": True}).eval()
-    kept = cut.state_dict()
-    assert set(kept) < set(whole.state_dict())
-    cut.load_state_dict({k: v for k, v in whole.state_dict().items() if k in kept})
-    x = torch.randn(2, 4, 64, 64)
-    with torch.no_grad():
-        assert torch.equal(whole(x), cut(x))
-    assert sum(p.numel() for p in cut.parameters()) < 0.1 * sum(p.numel() for p in whole.parameters())
+    # lukemelas' EfficientNet (smp's efficientnet-b*) and timm's (smp's timm-tf_efficientnet_lite*)
+    for encoder, depth, share in (("efficientnet-b0", 3, 0.1), ("timm-tf_efficientnet_lite0", 4, 0.4)):
+        params = {"encoder_depth": depth, "decoder_channels": [16, 8, 8, 8][:depth]}
+        torch.manual_seed(0)
+        whole = create_smp("t", "Unet", encoder, 4, 1, params).eval()
+        cut = create_smp("t", "Unet", encoder, 4, 1, {**params, "_drop_unused_blocks": True}).eval()
+        kept = cut.state_dict()
+        assert set(kept) < set(whole.state_dict())
+        cut.load_state_dict({k: v for k, v in whole.state_dict().items() if k in kept})
+        x = torch.randn(2, 4, 64, 64)
+        with torch.no_grad():
+            assert torch.equal(whole(x), cut(x))
+        assert sum(p.numel() for p in cut.parameters()) < share * sum(p.numel() for p in whole.parameters())
 
 
 def test_training_starts_from_a_published_encoder_and_writes_the_cut_network(ray_session, tmp_path):

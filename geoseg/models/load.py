@@ -109,19 +109,35 @@ def create_smp(
     return model
 
 
+# smp's timm EfficientNet encoders (``timm-efficientnet-*``, ``timm-tf_efficientnet_lite*``) run
+# ``blocks[:n]`` at depth d, n by depth (their ``forward``); the classifier's head is never run.
+_TIMM_BLOCKS_RUN = {1: 0, 2: 2, 3: 3, 4: 5, 5: 7}
+
+
 def drop_unused_blocks(name: str, model: torch.nn.Module) -> None:
     """Remove the blocks of an EfficientNet encoder that a shallow U-Net never uses.
 
-    smp's ``EfficientNetEncoder`` keeps all of its blocks whatever ``encoder_depth`` is, and at
-    depth 3 still runs one stage whose output it drops: an EfficientNet-B4 at depth 3 holds 17.7 M
-    parameters of which 0.4 M are used. Cutting the blocks after the last feature the decoder
-    takes gives the same outputs, smaller weights and less work. Drop-connect keeps each kept
-    block's rate (it grows with the block's index over the whole encoder).
+    smp's EfficientNet encoders keep all of their blocks whatever ``encoder_depth`` is (and the
+    classifier's head, which no depth runs); lukemelas' at depth 3 still runs one stage whose output
+    it drops: an EfficientNet-B4 at depth 3 holds 17.7 M parameters of which 0.4 M are used. Cutting
+    the blocks after the last feature the decoder takes gives the same outputs, smaller weights and
+    less work. Drop-connect keeps each kept block's rate (it grows with the block's index over the
+    whole encoder).
     """
     encoder = getattr(model, "encoder", None)
+    timm_blocks = getattr(encoder, "blocks", None)
+    if isinstance(timm_blocks, torch.nn.Sequential) and hasattr(encoder, "conv_head"):
+        assert encoder is not None
+        encoder.blocks = timm_blocks[: _TIMM_BLOCKS_RUN[int(getattr(encoder, "_depth", 5))]]
+        for unused in ("conv_head", "bn2"):
+            delattr(encoder, unused)
+        return
     blocks, outs, depth = (getattr(encoder, a, None) for a in ("_blocks", "_out_indexes", "_depth"))
     if not isinstance(blocks, torch.nn.ModuleList) or outs is None or depth is None:
-        raise ModelError(name, "_drop_unused_blocks applies to smp's EfficientNet encoders (efficientnet-b0..b7)")
+        raise ModelError(
+            name,
+            "_drop_unused_blocks applies to smp's EfficientNet encoders (efficientnet-b0..b7, timm-efficientnet-*)",
+        )
     if depth >= 5:
         return
     keep = outs[depth - 2] + 1  # the stem gives feature 1, block outs[i] feature i + 2
