@@ -13,7 +13,6 @@ convolutional neural network. Remote Sensing of Environment 230, 111203.
 
 from __future__ import annotations
 
-import importlib.resources
 import json
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 import torch
 
 from geoseg.core.errors import ModelError
+from geoseg.models.load import installed_package_file
 
 CLASSES = ["clear", "cloud", "cloud_shadow"]
 # The encoder's classification head: in the smp module, not in the exported U-Net graph.
@@ -29,18 +29,14 @@ _UNUSED = ("encoder._conv_head.", "encoder._bn1.")
 
 def package_file(name: str) -> Path:
     """A file of the installed ukis-csmask package; a one-line error when it is not installed."""
-    try:
-        root = importlib.resources.files("ukis_csmask")
-    except ModuleNotFoundError:
-        raise ModelError(
-            "clouds",
-            "the cloud networks come from the ukis-csmask package, which is not "
-            "installed: pip install 'geoseg[clouds]'",
-        ) from None
-    path = Path(str(root.joinpath(name)))
-    if not path.is_file():
-        raise ModelError("clouds", f"ukis-csmask has no {name} (version 1.0 ships model_[46]b_(l1c|l2a).onnx)")
-    return path
+    return installed_package_file(
+        "clouds",
+        "ukis_csmask",
+        name,
+        not_installed="the cloud networks come from the ukis-csmask package, which is not installed: "
+        "pip install 'geoseg[clouds]'",
+        shipped="version 1.0 ships model_[46]b_(l1c|l2a).onnx",
+    )
 
 
 def model_info(variant: str) -> dict[str, Any]:

